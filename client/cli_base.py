@@ -1,0 +1,38 @@
+"""``deltaserve base …``: build, fingerprint (and later pretrain) the embedded default base."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def base() -> None:
+    """Build and inspect base models."""
+
+
+@base.command("build")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write (must not exist or be empty).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random initialisation.")
+def build(out: Path, seed: int) -> None:
+    """Build the tiny random-init LLaVA base (deterministic per seed)."""
+    from deltaserve.plugins.fingerprint import fingerprint
+    from deltaserve.tuning.base.factory import build_base
+
+    if out.exists() and any(out.iterdir()):
+        raise click.UsageError(f"`--out` {out} exists and is not empty")
+    started = time.perf_counter()
+    build_base(out, seed=seed)
+    click.echo(json.dumps({"out": str(out), "fingerprint": fingerprint(out), "seconds": round(time.perf_counter() - started, 2)}))
+
+
+@base.command("fingerprint")
+@click.argument("base_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def fingerprint_cmd(base_dir: Path) -> None:
+    """Print the content fingerprint of a base model directory."""
+    from deltaserve.plugins.fingerprint import fingerprint
+
+    click.echo(fingerprint(base_dir))

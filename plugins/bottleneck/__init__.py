@@ -1,0 +1,1 @@
+"""The `bottleneck` delta kind."""

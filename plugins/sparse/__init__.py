@@ -1,0 +1,1 @@
+"""The `sparse` delta kind."""

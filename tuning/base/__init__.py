@@ -1,0 +1,1 @@
+"""The embedded default base model: a tiny LLaVA-architecture VLM the project builds itself."""
