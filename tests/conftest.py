@@ -1,0 +1,54 @@
+"""Session-wide fixtures: one tiny base per test session, built with the real factory.
+
+Engine start-ups (≈ 1 min each) are shared per session in the fixtures of the
+sub-packages that need them; nothing here starts vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import deltaserve.plugins  # noqa: F401  (installs the CUDA-extension shim in this process)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory) -> None:
+    """Fingerprint / artifact caches go to a per-session directory, never the user's."""
+    os.environ.setdefault("DELTASERVE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """The embedded default base (random init, seed 0), built once per session. Read-only by convention."""
+    from deltaserve.tuning.base.factory import build_base
+
+    return build_base(tmp_path_factory.mktemp("base") / "tiny-llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_processor(tiny_base):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(tiny_base))
+
+
+@pytest.fixture
+def hf_model(tiny_base):
+    """A fresh float32 transformers model of the tiny base (function scope: tests may modify it)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def sample_images():
+    """Four deterministic 32×32 RGB images that differ from each other."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1234)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
