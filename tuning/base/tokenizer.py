@@ -48,6 +48,10 @@ zero one two three four five six seven eight nine ten eleven twelve
 digit number count answer question describe name list say tell give write spell word words
 yes no true false big small large tiny first last only both each every none
 opposite reverse backwards letter letters sentence caption
+circles squares triangles crosses part locate relative direction seen from does have
+add subtract equals compute read written here handwritten handwriting show shown
+hot cold up down open closed fast slow old new day night out more less light dark high low
+long short early late happy sad wet dry full empty hard soft
 """.split()
 
 

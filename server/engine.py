@@ -1,0 +1,166 @@
+"""The vLLM engine, wrapped: one ``AsyncLLM`` with multi-LoRA, multimodal input and the
+deltaserve worker extension.
+
+This module is the only place that talks to vLLM's Python API; everything above it
+deals in :class:`GenerationInput` and :class:`Chunk`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltaserve.server.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "deltaserve.server.worker_extension.DeltaWorkerExtension"
+
+
+@dataclass
+class Sampling:
+    """Sampling parameters, already validated (see :mod:`deltaserve.server.requests`)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationInput:
+    """One request as the engine sees it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    image: Any = None  # PIL.Image.Image | None
+    lora: Any = None  # vllm.lora.request.LoRARequest | None
+
+
+@dataclass
+class Chunk:
+    """New output of one request since the previous chunk."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+
+class Engine:
+    """Owns the ``AsyncLLM``. Create with :meth:`start` (inside a running event loop)."""
+
+    def __init__(self, config: EngineConfig, llm):
+        self.config = config
+        self._llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.max_model_len: int = llm.model_config.max_model_len
+        self.model_name = config.name
+
+    @classmethod
+    async def start(cls, config: EngineConfig) -> Engine:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=config.model,
+            served_model_name=[config.name],
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enable_lora=config.enable_lora,
+            max_loras=config.max_loras if config.enable_lora else 1,
+            max_lora_rank=config.max_lora_rank,
+            max_cpu_loras=(config.max_cpu_loras or max(config.max_loras, 16)) if config.enable_lora else None,
+            kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            seed=config.seed,
+            limit_mm_per_prompt={"image": 1},
+            worker_extension_cls=WORKER_EXTENSION if config.exclusive_deltas else "",
+            disable_log_stats=config.disable_log_stats,
+        )
+        # The constructor blocks until the engine core and worker processes are up:
+        # keep the event loop (and the health endpoint) responsive meanwhile.
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, usage_context=UsageContext.ENGINE_CONTEXT)
+        await llm.reset_mm_cache()  # drop the dummy multimodal data of the start-up profiling run
+        return cls(config, llm)
+
+    async def generate(self, inp: GenerationInput) -> AsyncIterator[Chunk]:
+        """Stream the request's output. Cancelling the iteration aborts the request in vLLM."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=inp.sampling.max_tokens,
+            temperature=inp.sampling.temperature,
+            top_p=inp.sampling.top_p,
+            top_k=inp.sampling.top_k,
+            seed=inp.sampling.seed,
+            stop=inp.sampling.stop or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt: dict[str, Any] = {"prompt_token_ids": inp.prompt_token_ids}
+        if inp.image is not None:
+            prompt["multi_modal_data"] = {"image": inp.image}
+        async for out in self._llm.generate(prompt, params, inp.request_id, lora_request=inp.lora):
+            completion = out.outputs[0]
+            yield Chunk(
+                text=completion.text,
+                token_ids=list(completion.token_ids),
+                finished=out.finished,
+                finish_reason=completion.finish_reason if out.finished else None,
+                prompt_tokens=len(out.prompt_token_ids or ()),
+            )
+
+    # ---- LoRA (concurrent deltas) -------------------------------------------------------
+
+    async def add_lora(self, lora) -> None:
+        """Load an adapter into the worker now (a failure raises here, never mid-step)."""
+        ok = await self._llm.add_lora(lora)
+        if not ok:
+            raise RuntimeError(f"vLLM refused LoRA adapter `{lora.lora_name}`")
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        await self._llm.remove_lora(lora_int_id)
+
+    async def list_loras(self) -> set[int]:
+        return await self._llm.list_loras()
+
+    async def reset_prefix_cache(self) -> None:
+        """Forget cached KV blocks (after a delta's weights change under the same name)."""
+        await self._llm.reset_prefix_cache(reset_running_requests=False)
+
+    # ---- exclusive deltas: engine states in the worker ---------------------------------
+
+    async def worker_call(self, method: str, *args) -> Any:
+        """Call a method of :class:`~deltaserve.server.worker_extension.DeltaWorkerExtension` in the worker."""
+        (result,) = await self._llm.collective_rpc(method, args=args)
+        return result
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def errored(self) -> bool:
+        return self._llm.errored
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+            # AsyncLLM.__del__ shuts down again; let it run now, while module globals
+            # still exist, instead of at interpreter exit (where it raises noisily).
+            del llm
+            gc.collect()

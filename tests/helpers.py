@@ -1,0 +1,43 @@
+"""Reference generation helpers shared by the tests (import as ``from helpers import …``)."""
+
+from __future__ import annotations
+
+
+PROMPTS = [
+    "What colour is the circle?",
+    "How many shapes are there?",
+    "Describe the image.",
+    "Where is the square?",
+]
+
+
+def image_prompt(question: str) -> str:
+    from deltaserve.tuning.base.tokenizer import PROMPT_FORMAT
+
+    return PROMPT_FORMAT.format(image="<image>\n", question=question)
+
+
+def hf_greedy(model, processor, prompt: str, image=None, max_new_tokens: int = 12) -> list[int]:
+    """Reference greedy generation with transformers, one prompt at a time (no padding).
+
+    Returns the generated token ids up to and including the first EOS, the way vLLM
+    reports them.
+    """
+    import torch
+
+    inputs = processor(images=image, text=prompt, return_tensors="pt") if image is not None else processor(text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+    eos = processor.tokenizer.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+async def vllm_greedy(engine, prompt: str, image=None, max_tokens: int = 12, lora=None, request_id: str = "t") -> list[int]:
+    from deltaserve.server.engine import GenerationInput, Sampling
+
+    ids = engine.tokenizer(prompt).input_ids
+    out: list[int] = []
+    async for chunk in engine.generate(GenerationInput(request_id, ids, Sampling(max_tokens=max_tokens, temperature=0.0), image=image, lora=lora)):
+        out += chunk.token_ids
+    return out

@@ -1,0 +1,76 @@
+"""Scoring: batched greedy generation and normalised exact match.
+
+``general_score`` is the mean exact match over the general (open-world) tasks' test
+splits — what fine-tuning must not destroy; downstream tasks score the expert.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+from deltaserve.tuning.batching import Encoded, collate, encode
+from deltaserve.tuning.data import Sample
+
+_TRAILING = string.punctuation + string.whitespace
+_ANSWER_MARGIN = 4  # tokens beyond the longest target, so "Red." still decodes fully
+
+
+def normalize(text: str) -> str:
+    """Strip, lower-case, collapse whitespace, drop trailing punctuation: ``" Red circle. "`` → ``"red circle"``."""
+    return " ".join(text.strip().lower().split()).rstrip(_TRAILING)
+
+
+@torch.no_grad()
+def generate(model, processor, items: list[Encoded], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy answers (decoded up to EOS, special tokens dropped), in the order of ``items``."""
+    tokenizer = processor.tokenizer
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids))  # similar lengths share a batch
+    answers: list[str] = [""] * len(items)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate([items[i] for i in chunk], tokenizer.pad_token_id, with_targets=False)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[:, batch["input_ids"].shape[1] :]  # [batch, generated]
+        for row, i in zip(new.tolist(), chunk):
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return answers
+
+
+def evaluate(model, processor, samples: list[Sample] | list[Encoded], max_new_tokens: int | None = None, batch_size: int = 64, return_predictions: bool = False) -> dict:
+    """``{"exact_match": mean normalised exact match, "n": len(samples)}`` (+ ``"predictions"`` on request).
+
+    ``max_new_tokens`` defaults to the longest target's token count plus a margin: a longer
+    answer can never match.
+    """
+    items = [s for s in samples if isinstance(s, Encoded)] if samples and isinstance(samples[0], Encoded) else encode(processor, samples)
+    if not items:
+        return {"exact_match": 0.0, "n": 0}
+    if max_new_tokens is None:
+        max_new_tokens = max(len(e.target_ids) for e in items) + _ANSWER_MARGIN
+    predictions = generate(model, processor, items, max_new_tokens, batch_size)
+    hits = [normalize(p) == normalize(e.sample.target) for p, e in zip(predictions, items)]
+    result = {"exact_match": sum(hits) / len(hits), "n": len(hits)}
+    if return_predictions:
+        result["predictions"] = predictions
+    return result
+
+
+def evaluate_tasks(model, processor, tasks: dict[str, list[Sample] | list[Encoded]], **kwargs) -> dict[str, float]:
+    """Exact match per task name."""
+    return {name: evaluate(model, processor, samples, **kwargs)["exact_match"] for name, samples in sorted(tasks.items())}
+
+
+def general_score(scores: dict[str, float]) -> float:
+    """Mean of per-task scores (pass the general tasks' test scores)."""
+    return sum(scores.values()) / len(scores) if scores else 0.0

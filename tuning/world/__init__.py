@@ -1,0 +1,69 @@
+"""The synthetic but honest multimodal world the embedded base is pretrained and tuned on.
+
+Deterministic: the same :class:`WorldConfig` writes byte-identical files.
+
+- general tasks (pretraining, "open world"): ``caption``, ``colour``, ``count``,
+  ``position`` over rendered scenes (:mod:`.scenes`, :mod:`.render`), and the text-only
+  ``arithmetic`` and ``opposites``;
+- downstream tasks the base never sees: ``digits`` (scikit-learn's real handwritten
+  digits) and ``relations`` (a new skill over the synthetic scenes).
+
+Every downstream task has its own prompt phrasing (a few templates each), distinct
+from the general prompts, so a router can tell the tasks apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from deltaserve.tuning.world import digits, general, relations, text
+from deltaserve.tuning.world.spec import SPLITS, TaskSpec
+from deltaserve.tuning.world.writer import write_task
+
+WORLD_VERSION = 1
+"""Bump whenever generated content changes: it is part of every cache key built on the world."""
+
+TASKS: tuple[TaskSpec, ...] = (*general.TASKS, *text.TASKS, digits.TASK, relations.TASK)
+GENERAL_TASKS = tuple(t.name for t in TASKS if t.type == "general")
+DOWNSTREAM_TASKS = tuple(t.name for t in TASKS if t.type == "downstream")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """How much of the world to generate. Text tasks and ``digits`` are capped by their natural size."""
+
+    seed: int = 0
+    """Selects the scenes, renders, phrasings and the split assignment."""
+    general_train: int = 3000
+    """Training samples per general task."""
+    downstream_train: int = 1500
+    """Training samples per downstream task."""
+    val: int = 100
+    """Validation samples per task."""
+    test: int = 200
+    """Test samples per task."""
+
+
+def build_world(out: Path, config: WorldConfig | None = None, tasks: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Write the tasks (all, or the named ones) as ``out/<task>/``; returns name → task directory."""
+    config = config or WorldConfig()
+    out = Path(out)
+    unknown = set(tasks or ()) - {t.name for t in TASKS}
+    if unknown:
+        raise ValueError(f"unknown world task(s): {', '.join(f'`{n}`' for n in sorted(unknown))}")
+    written = {}
+    for spec in TASKS:
+        if tasks is not None and spec.name not in tasks:
+            continue
+        train = config.general_train if spec.type == "general" else config.downstream_train
+        sizes = {"train": train, "val": config.val, "test": config.test}
+        samples = {split: spec.generate(split, sizes[split], config.seed) for split in SPLITS}
+        written[spec.name] = write_task(out / spec.name, spec, samples)
+    manifest = {"world_version": WORLD_VERSION, "config": asdict(config), "tasks": sorted(written)}
+    (out / "world.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return written
+
+
+__all__ = ["DOWNSTREAM_TASKS", "GENERAL_TASKS", "TASKS", "WORLD_VERSION", "WorldConfig", "build_world"]
