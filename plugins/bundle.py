@@ -28,7 +28,7 @@ from deltaserve.plugins.manifest import (  # noqa: F401  (re-exported: the bundl
     TaskInfo,
     parse_manifest,
 )
-from deltaserve.plugins.safetensors_header import HeaderError, read_header
+from deltaserve.plugins.safetensors_header import read_header
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +58,8 @@ class Bundle:
         self.manifest = manifest
         self.kind = kind
         """Instance of the bundle's registered kind."""
+        self.rejected: set[str] = set()
+        """Files that failed the generic checks (type, size, parse): never read, not usable by kinds."""
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
         self._json: dict[str, object] = {}
 
@@ -66,12 +68,21 @@ class Bundle:
         return self.manifest.name
 
     def has_file(self, relpath: str) -> bool:
-        """True when ``relpath`` is a regular file of the bundle (listed or not)."""
+        """True when ``relpath`` is a regular file of the bundle (listed or not, usable or not)."""
         target = self.path / relpath
         return target.is_file() and not target.is_symlink()
 
+    def usable(self, relpath: str) -> bool:
+        """True when ``relpath`` exists and passed the generic checks (kinds may read it)."""
+        return self.has_file(relpath) and relpath not in self.rejected
+
+    def _require_usable(self, relpath: str) -> None:
+        if relpath in self.rejected:
+            raise BundleError(self.path, [f"file `{relpath}` failed validation and must not be read"])
+
     def load_tensors(self, relpath: str) -> dict[str, torch.Tensor]:
         """Tensors of a ``.safetensors`` file of the bundle (cached; safetensors never executes code)."""
+        self._require_usable(relpath)
         if relpath not in self._tensors:
             from safetensors.torch import load_file
 
@@ -80,6 +91,7 @@ class Bundle:
 
     def read_json(self, relpath: str) -> object:
         """Decoded JSON file of the bundle (cached)."""
+        self._require_usable(relpath)
         if relpath not in self._json:
             self._json[relpath] = json.loads((self.path / relpath).read_text(encoding="utf-8"))
         return self._json[relpath]
@@ -105,38 +117,56 @@ def _read_manifest(path: Path, stats: dict, limits: Limits, problems: list[str])
     return manifest
 
 
-def _check_file(bundle: Bundle, rel: str, size: int, expected_sha: str | None, limits: Limits, problems: list[str]) -> bool:
-    """Type, size, magic, hash, content checks of one file. Returns False if a safetensors file failed to load."""
+def _file_problems(bundle: Bundle, rel: str, size: int, expected_sha: str | None, limits: Limits) -> tuple[list[str], bool]:
+    """Type, size, magic bytes, sha256 and content of one file (read only within the limits).
+
+    Returns (problems, usable): unusable files (wrong type, too big, unparsable) are
+    never read again — the kind's validation sees them as rejected.
+    """
     if bad := file_checks.type_problem(rel):
-        problems.append(bad)
-        return True
+        return [bad], False
     limit = limits.max_manifest_bytes if file_checks.suffix(rel) == ".json" else limits.max_file_bytes
     if size > limit:
-        problems.append(f"file `{rel}` is {size} bytes, above the limit of {limit}")
-        return file_checks.suffix(rel) != ".safetensors"
+        return [f"file `{rel}` is {size} bytes, above the limit of {limit}"], False
     path = bundle.path / rel
     if bad := file_checks.magic_problem(rel, file_checks.read_head(path)):
-        problems.append(bad)
-        return True
+        return [bad], False
+    problems = []
     if expected_sha is not None and (actual := file_checks.sha256_file(path)) != expected_sha:
         problems.append(f"sha256 mismatch for `{rel}`: `files` says {expected_sha[:12]}…, the file is {actual[:12]}…")
     if bad := file_checks.text_problem(rel, path):
-        problems.append(bad)
-    if file_checks.suffix(rel) != ".safetensors":
-        return True
+        return problems + [bad], False
+    if file_checks.suffix(rel) == ".safetensors":
+        try:
+            read_header(path)  # bounded, plain JSON: before safetensors itself touches the file
+            tensors = bundle.load_tensors(rel)
+        except Exception as exc:  # HeaderError, or safetensors' own SafetensorError (an Exception)
+            return problems + [f"`{rel}` is not a valid safetensors file: {exc}"], False
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                problems.append(f"tensor `{name}` in `{rel}` contains NaN/Inf")
+    return problems, True
+
+
+def _check_listing(manifest: Manifest, on_disk: dict, problems: list[str]) -> None:
+    for rel in sorted(set(manifest.files) - set(on_disk)):
+        problems.append(f"file `{rel}` is listed in `files` but missing")
+    for rel in sorted(set(on_disk) - set(manifest.files)):
+        problems.append(f"extra file `{rel}` is not listed in `files`")
+    for i, example in enumerate(manifest.task.examples):
+        image = example.image
+        if image and (image not in manifest.files or file_checks.suffix(image) not in file_checks.IMAGE_SUFFIXES):
+            problems.append(f"`task.examples[{i}].image` `{image}` must be a PNG/JPEG listed in `files`")
+
+
+def _kind_instance(manifest: Manifest | None, problems: list[str]) -> DeltaKind | None:
+    if not (manifest and manifest.kind):
+        return None
     try:
-        read_header(path)
-        tensors = bundle.load_tensors(rel)
-    except (HeaderError, OSError, ValueError, RuntimeError) as exc:  # safetensors raises SafetensorError(Exception)
-        problems.append(f"`{rel}` is not a valid safetensors file: {exc}")
-        return False
-    except Exception as exc:
-        problems.append(f"`{rel}` could not be loaded as safetensors: {exc}")
-        return False
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
-            problems.append(f"tensor `{name}` in `{rel}` contains NaN/Inf")
-    return True
+        return registry.get_kind(manifest.kind)()
+    except Exception:  # KindRegistryError, or a kind class that fails to construct
+        problems.append(registry.unknown_kind_message(manifest.kind))
+        return None
 
 
 def read_bundle(path: str | os.PathLike, base: BaseSpec | None = None, limits: Limits = Limits()) -> Bundle:
@@ -153,36 +183,27 @@ def read_bundle(path: str | os.PathLike, base: BaseSpec | None = None, limits: L
     problems: list[str] = []
     stats = file_checks.walk(path, limits.max_files, problems)
     manifest = _read_manifest(path, stats, limits, problems)
-    listed = manifest.files if manifest else {}
-    kind = None
-    if manifest and manifest.kind:
-        try:
-            kind = registry.get_kind(manifest.kind)()
-        except Exception:  # KindRegistryError, or a kind class that fails to construct
-            problems.append(registry.unknown_kind_message(manifest.kind))
+    kind = _kind_instance(manifest, problems)
     on_disk = {rel: st for rel, st in stats.items() if rel != MANIFEST_FILE}
-    for rel in sorted(set(listed) - set(on_disk)):
-        problems.append(f"file `{rel}` is listed in `files` but missing")
-    for rel in sorted(set(on_disk) - set(listed)):
-        problems.append(f"extra file `{rel}` is not listed in `files`")
-    for i, example in enumerate(manifest.task.examples if manifest else []):
-        if example.image and (example.image not in listed or file_checks.suffix(example.image) not in file_checks.IMAGE_SUFFIXES):
-            problems.append(f"`task.examples[{i}].image` `{example.image}` must be a PNG/JPEG listed in `files`")
+    if manifest is not None:  # without a manifest every file would be "extra": noise
+        _check_listing(manifest, on_disk, problems)
     bundle = Bundle(path, manifest or Manifest(name="", kind="", base=BaseRef("", "")), kind)
     total = sum(st.st_size for st in stats.values())
-    loaded_all = True
     if total > limits.max_total_bytes:
         problems.append(f"bundle is {total} bytes in total, above the limit of {limits.max_total_bytes}")
+        bundle.rejected.update(on_disk)  # nothing is read
     else:
         for rel, st in sorted(on_disk.items()):
-            loaded_all &= _check_file(bundle, rel, st.st_size, listed.get(rel), limits, problems)
+            file_problems, usable = _file_problems(bundle, rel, st.st_size, bundle.manifest.files.get(rel), limits)
+            problems += file_problems
+            if not usable:
+                bundle.rejected.add(rel)
     if manifest and base is not None and manifest.base.fingerprint and manifest.base.fingerprint != base.fingerprint:
         problems.append(
             f"base fingerprint mismatch: the bundle was tuned from `{manifest.base.name}` {manifest.base.fingerprint}, "
             f"the base is `{base.name}` {base.fingerprint}"
         )
-    # The kind reads tensors: only when every safetensors file loaded (else it would report noise).
-    if kind is not None and loaded_all and total <= limits.max_total_bytes:
+    if kind is not None:
         try:
             problems.extend(kind.validate(bundle, base))
         except Exception as exc:  # a third-party kind's bug is still a rejected bundle, not a crash

@@ -24,3 +24,13 @@ def cache_dir() -> Path:
 def admin_token() -> str | None:
     """``DELTASERVE_ADMIN_TOKEN``: default for ``deltaserve serve --admin-token`` and the client CLI."""
     return os.environ.get("DELTASERVE_ADMIN_TOKEN") or None
+
+
+def server_address() -> str | None:
+    """``DELTASERVE_SERVER``: default gRPC address (``host:port``) of the client CLI."""
+    return os.environ.get("DELTASERVE_SERVER") or None
+
+
+def http_address() -> str | None:
+    """``DELTASERVE_HTTP``: default HTTP base URL of the client CLI (``deltaserve metrics``)."""
+    return os.environ.get("DELTASERVE_HTTP") or None

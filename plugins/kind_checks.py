@@ -13,12 +13,17 @@ if TYPE_CHECKING:
     from deltaserve.plugins.bundle import Bundle
 
 
-def required_tensors(bundle: Bundle, rel: str, problems: list[str]) -> dict[str, torch.Tensor] | None:
-    """The tensors of ``rel``, or None (and a problem) when the bundle has no such file."""
+def required_file(bundle: Bundle, rel: str, problems: list[str]) -> bool:
+    """True when the kind can read ``rel``. A missing file is a problem; a file the generic
+    checks rejected was reported already, so it only returns False."""
     if not bundle.has_file(rel):
         problems.append(f"missing file `{rel}`")
-        return None
-    return bundle.load_tensors(rel)
+    return bundle.usable(rel)
+
+
+def required_tensors(bundle: Bundle, rel: str, problems: list[str]) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``rel``, or None when :func:`required_file` says it cannot be read."""
+    return bundle.load_tensors(rel) if required_file(bundle, rel, problems) else None
 
 
 def tensor_set_problems(rel: str, present: set[str], expected: set[str]) -> list[str]:

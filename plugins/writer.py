@@ -13,7 +13,7 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deltaserve.plugins.errors import BundleError
 from deltaserve.plugins.manifest import MANIFEST_FILE, BaseRef, Manifest, MethodInfo, TaskInfo, relpath_problem, task_name_problem
@@ -21,7 +21,7 @@ from deltaserve.plugins.manifest import MANIFEST_FILE, BaseRef, Manifest, Method
 if TYPE_CHECKING:
     from deltaserve.plugins.base_spec import BaseSpec
 
-FileContent = bytes | Mapping[str, "object"]  # raw bytes, or {tensor name: torch.Tensor} for .safetensors
+FileContent = bytes | Mapping[str, Any]  # raw bytes, or {tensor name: torch.Tensor} for a .safetensors file
 
 
 def _serialise(rel: str, content: FileContent) -> bytes:

@@ -46,11 +46,10 @@ def config_problems(config: dict) -> list[str]:
     return problems
 
 
-def _module_problems(module: str, tensors: dict[str, torch.Tensor], r: int, base: BaseSpec | None) -> list[str]:
+def _module_problems(module: str, tensors: dict[str, torch.Tensor], r: int, base: BaseSpec | None, shapes: dict) -> list[str]:
     problems = []
     if not module.startswith(LANGUAGE_MODEL_PREFIX):
         problems.append(f"module `{module}` is outside the language model (`{LANGUAGE_MODEL_PREFIX}…`)")
-    shapes = base.module_shapes() if base is not None else {}
     if base is not None and module not in shapes:
         problems.append(f"module `{module}` is not a linear module of the base")
     up_bias = tensors.get(f"{module}.up.bias")
@@ -83,8 +82,9 @@ class BottleneckKind(DeltaKind):
         if tensors is None or not _valid_modules(modules) or not is_int(rank, minimum=1):
             return problems  # without the module list and rank there is nothing to compare tensors with
         problems += tensor_set_problems(ADAPTER_FILE, set(tensors), {f"{m}.{s}" for m in modules for s in TENSOR_SUFFIXES})
+        shapes = base.module_shapes() if base is not None else {}
         for module in modules:
-            problems += _module_problems(module, tensors, rank, base)
+            problems += _module_problems(module, tensors, rank, base, shapes)
         return problems
 
     def apply(self, model: torch.nn.Module, bundle: Bundle) -> AppliedDelta:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from deltaserve.plugins.kind_checks import is_int, is_number
-from deltaserve.plugins.naming import checkpoint_to_module, module_to_checkpoint
+from deltaserve.plugins.naming import checkpoint_to_module
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -59,16 +59,6 @@ def adapter_config_problems(cfg: object) -> list[str]:
     return problems
 
 
-def checkpoint_module(key_module: str) -> str:
-    """Module part of a PEFT key (transformers or checkpoint layout) → checkpoint module name."""
-    return module_to_checkpoint(key_module)
-
-
-def model_module(checkpoint_name: str) -> str:
-    """Checkpoint module name → transformers module name (what PEFT matches on the model)."""
-    return checkpoint_to_module(checkpoint_name)
-
-
 def peft_key(checkpoint_name: str, part: str) -> str:
     """The PEFT key of factor ``part`` ("A" or "B") of a checkpoint module, in the transformers layout PEFT writes."""
-    return f"base_model.model.{model_module(checkpoint_name)}.lora_{part}.weight"
+    return f"base_model.model.{checkpoint_to_module(checkpoint_name)}.lora_{part}.weight"

@@ -15,16 +15,9 @@ from typing import TYPE_CHECKING
 
 from deltaserve.plugins.base_spec import DECODER_LAYERS_PREFIX
 from deltaserve.plugins.kind import AppliedDelta, DeltaKind
-from deltaserve.plugins.kind_checks import dtype_name, required_tensors, unexpected_fields
-from deltaserve.plugins.lora.adapter_config import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    KEY_RE,
-    adapter_config_problems,
-    checkpoint_module,
-    model_module,
-    peft_key,
-)
+from deltaserve.plugins.kind_checks import dtype_name, required_file, required_tensors, unexpected_fields
+from deltaserve.plugins.lora.adapter_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_RE, adapter_config_problems, peft_key
+from deltaserve.plugins.naming import checkpoint_to_module, module_to_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -44,11 +37,12 @@ def group_factors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str,
         if match is None:
             problems.append(f"unexpected tensor `{key}` in `{ADAPTER_WEIGHTS}` (only `base_model.model.<module>.lora_A/B.weight`)")
             continue
-        grouped.setdefault(checkpoint_module(match["module"]), {})[match["part"]] = tensor
+        grouped.setdefault(module_to_checkpoint(match["module"]), {})[match["part"]] = tensor
     return grouped, problems
 
 
-def _factor_problems(module: str, factors: dict[str, torch.Tensor], r: object, base: BaseSpec | None) -> list[str]:
+def _factor_problems(module: str, factors: dict[str, torch.Tensor], r: object, shapes: dict[str, tuple[int, int]] | None) -> list[str]:
+    """Problems of one module's factors; ``shapes`` is the base's ``module_shapes()`` (None: no base)."""
     if set(factors) != {"A", "B"}:
         missing = ({"A", "B"} - set(factors)).pop()
         return [f"missing tensor: the LoRA pair of `{module}` has no `lora_{missing}`"]
@@ -63,10 +57,9 @@ def _factor_problems(module: str, factors: dict[str, torch.Tensor], r: object, b
         return problems + [f"LoRA factors of `{module}` must be 2-D, got {list(a.shape)} and {list(b.shape)}"]
     if a.shape[0] != r or b.shape[1] != r:
         problems.append(f"LoRA rank of `{module}` is {a.shape[0]}/{b.shape[1]} (A/B), `r` is {r}")
-    shapes = base.module_shapes() if base is not None else {}
-    if base is not None and module not in shapes:
+    if shapes is not None and module not in shapes:
         problems.append(f"LoRA target `{module}` is not a linear module of the base")
-    elif module in shapes and (b.shape[0], a.shape[1]) != shapes[module]:
+    elif shapes is not None and (b.shape[0], a.shape[1]) != shapes[module]:
         problems.append(f"LoRA of `{module}` maps {a.shape[1]} → {b.shape[0]}, the base module maps {shapes[module][1]} → {shapes[module][0]}")
     if not (a.is_floating_point() and b.dtype == a.dtype):
         problems.append(f"LoRA factors of `{module}` must share one floating dtype, got {dtype_name(a)} and {dtype_name(b)}")
@@ -81,20 +74,19 @@ class LoraKind(DeltaKind):
 
     def validate(self, bundle: Bundle, base: BaseSpec | None) -> list[str]:
         problems: list[str] = []
-        adapter_config = bundle.read_json(ADAPTER_CONFIG) if bundle.has_file(ADAPTER_CONFIG) else None
-        if adapter_config is None:
-            problems.append(f"missing file `{ADAPTER_CONFIG}`")
-        else:
+        adapter_config = bundle.read_json(ADAPTER_CONFIG) if required_file(bundle, ADAPTER_CONFIG, problems) else None
+        if adapter_config is not None:
             problems += adapter_config_problems(adapter_config)
         tensors = required_tensors(bundle, ADAPTER_WEIGHTS, problems)
-        if tensors is None or adapter_config is None or not isinstance(adapter_config, dict):
+        if tensors is None or not isinstance(adapter_config, dict):
             return problems
         grouped, key_problems = group_factors(tensors)
         problems += key_problems
         if not grouped:
             problems.append(f"`{ADAPTER_WEIGHTS}` holds no LoRA factors")
+        shapes = base.module_shapes() if base is not None else None
         for module, factors in sorted(grouped.items()):
-            problems += _factor_problems(module, factors, adapter_config.get("r"), base)
+            problems += _factor_problems(module, factors, adapter_config.get("r"), shapes)
         config = bundle.manifest.config
         problems += unexpected_fields(config, ("r", "lora_alpha", "modules"), "config")
         for field in ("r", "lora_alpha"):
@@ -118,7 +110,7 @@ class LoraKind(DeltaKind):
             r=adapter_config["r"],
             lora_alpha=adapter_config["lora_alpha"],
             use_rslora=adapter_config.get("use_rslora", False),
-            target_modules=[model_module(m) for m in sorted(grouped)],
+            target_modules=[checkpoint_to_module(m) for m in sorted(grouped)],
             lora_dropout=0.0,
             inference_mode=True,
         )

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from deltaserve.plugins.errors import BundleError
 from deltaserve.plugins.file_checks import PICKLE_SUFFIXES
-from deltaserve.plugins.lora.adapter_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_RE, checkpoint_module
+from deltaserve.plugins.lora.adapter_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_RE
 from deltaserve.plugins.manifest import Example, MethodInfo, TaskInfo
+from deltaserve.plugins.naming import module_to_checkpoint
 from deltaserve.plugins.safetensors_header import HeaderError, read_header
 from deltaserve.plugins.writer import write_bundle
 
@@ -28,25 +29,14 @@ def _jsonable(value):
 
 
 def _manifest_config(adapter_config: dict, keys: Iterable[str]) -> dict:
-    modules = sorted({checkpoint_module(m["module"]) for k in keys if (m := KEY_RE.fullmatch(k))})
+    modules = sorted({module_to_checkpoint(m["module"]) for k in keys if (m := KEY_RE.fullmatch(k))})
     return {"r": adapter_config.get("r"), "lora_alpha": adapter_config.get("lora_alpha"), "modules": modules}
 
 
-def _write(out_dir, name, base, adapter_config: dict, config_bytes: bytes, weights, keys, task, method, extra_files, overwrite) -> Path:
-    method = method or MethodInfo(
-        "lora", {k: adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules")}
-    )
-    return write_bundle(
-        out_dir,
-        name=name,
-        kind="lora",
-        base=base,
-        config=_manifest_config(adapter_config, keys),
-        files={ADAPTER_CONFIG: config_bytes, ADAPTER_WEIGHTS: weights, **(extra_files or {})},
-        task=task,
-        method=method,
-        overwrite=overwrite,
-    )
+def _write(out_dir, adapter_config: dict, files: dict, keys: Iterable[str], method: MethodInfo | None, **common) -> Path:
+    """Shared tail of both writers: manifest config from the keys, default method, write + validate."""
+    method = method or MethodInfo("lora", {k: adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules")})
+    return write_bundle(out_dir, kind="lora", config=_manifest_config(adapter_config, keys), files=files, method=method, **common)
 
 
 def write_lora_bundle(
@@ -67,8 +57,12 @@ def write_lora_bundle(
     (``base_model.model.<module>.lora_A.weight`` …). Validated against ``base`` before publishing.
     """
     adapter_config = json.loads(json.dumps(dict(adapter_config), default=_jsonable))
-    config_bytes = (json.dumps(adapter_config, indent=2, sort_keys=True) + "\n").encode()
-    return _write(out_dir, name, base, adapter_config, config_bytes, dict(tensors), tensors.keys(), task, method, extra_files, overwrite)
+    files = {
+        ADAPTER_CONFIG: (json.dumps(adapter_config, indent=2, sort_keys=True) + "\n").encode(),
+        ADAPTER_WEIGHTS: dict(tensors),
+        **(extra_files or {}),
+    }
+    return _write(out_dir, adapter_config, files, tensors.keys(), method, name=name, base=base, task=task, overwrite=overwrite)
 
 
 def import_peft_adapter(
@@ -110,5 +104,5 @@ def import_peft_adapter(
     if not isinstance(adapter_config, dict):
         raise BundleError(src, [f"`{ADAPTER_CONFIG}` must be a JSON object"])
     task = TaskInfo(description=description, examples=[e if isinstance(e, Example) else Example(text=e) for e in examples])
-    weights = (src / ADAPTER_WEIGHTS).read_bytes()
-    return _write(out_dir, name, base, adapter_config, config_bytes, weights, header.keys(), task, None, extra_files, overwrite)
+    files = {ADAPTER_CONFIG: config_bytes, ADAPTER_WEIGHTS: (src / ADAPTER_WEIGHTS).read_bytes(), **(extra_files or {})}
+    return _write(out_dir, adapter_config, files, header.keys(), None, name=name, base=base, task=task, overwrite=overwrite)
