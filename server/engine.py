@@ -63,6 +63,7 @@ class Engine:
         self._llm = llm
         self.tokenizer = llm.get_tokenizer()
         self.max_model_len: int = llm.model_config.max_model_len
+        self.hf_config = llm.model_config.hf_config
         self.model_name = config.name
 
     @classmethod

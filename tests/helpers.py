@@ -41,3 +41,49 @@ async def vllm_greedy(engine, prompt: str, image=None, max_tokens: int = 12, lor
     async for chunk in engine.generate(GenerationInput(request_id, ids, Sampling(max_tokens=max_tokens, temperature=0.0), image=image, lora=lora)):
         out += chunk.token_ids
     return out
+
+
+def make_peft_adapter(base_dir, out_dir, seed: int, r: int = 8, targets: str = "q_proj|v_proj|o_proj|down_proj"):
+    """A plain PEFT LoRA adapter directory on the language model, with non-zero B (PEFT's default init is a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=rf".*language_model.*\.({targets})", init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(out_dir))
+    return out_dir
+
+
+def make_lora_bundle(base_dir, out_dir, name: str, seed: int, description: str = "", examples=()):
+    """A `lora` delta bundle (via a PEFT adapter directory and ``import_peft_adapter``)."""
+    import tempfile
+    from pathlib import Path
+
+    from deltaserve.plugins.base_spec import BaseSpec
+    from deltaserve.plugins.lora import import_peft_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = make_peft_adapter(base_dir, Path(tmp) / "adapter", seed)
+        return import_peft_adapter(
+            adapter, out_dir, name=name, base=BaseSpec.from_dir(base_dir), description=description or f"test task {name}", examples=examples
+        )
+
+
+def peft_model(base_dir, bundle_dir):
+    """transformers base + PEFT adapter from a lora bundle (the reference for LoRA outputs)."""
+    import torch
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    return PeftModel.from_pretrained(base, str(bundle_dir)).eval()
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -19,20 +19,21 @@ SPECIAL_TOKENS = [BOS, EOS, PAD, IMAGE]  # ids 0..3, in this order
 # same format, so `/v1/completions` with this prompt and a one-turn chat are equivalent.
 PROMPT_FORMAT = "{image}{question}\nAnswer:"
 CHAT_TEMPLATE = (
+    # Newlines are emitted as expressions: `{%-`/`-%}` would strip literal ones.
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}"
     "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}<image>\n"
+    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}{{ '<image>\\n' }}"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- endif -%}\nAnswer:"
+    "{%- endif -%}{{ '\\nAnswer:' }}"
     "{%- elif message['role'] == 'assistant' -%}"
-    " {{ message['content'] if message['content'] is string else message['content'][0]['text'] }}</s>\n"
-    "{%- elif message['role'] == 'system' -%}{{ message['content'] if message['content'] is string "
-    "else message['content'][0]['text'] }}\n"
+    "{{ ' ' + (message['content'] if message['content'] is string else message['content'][0]['text']) + '</s>\\n' }}"
+    "{%- elif message['role'] == 'system' -%}"
+    "{{ (message['content'] if message['content'] is string else message['content'][0]['text']) + '\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )

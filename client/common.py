@@ -1,0 +1,110 @@
+"""What the sync and asyncio clients share: request building, bundle upload, result types."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from deltaserve.v1 import deltaserve_pb2 as pb
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024 + (4 << 20)
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class DeltaClientError(Exception):
+    """A call failed; ``code`` is the gRPC status code, ``message`` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code, self.message = code, message
+        super().__init__(f"{code.name}: {message}")
+
+
+def client_error(exc: grpc.RpcError) -> DeltaClientError:
+    return DeltaClientError(exc.code(), exc.details() or "")
+
+
+@dataclass
+class Routing:
+    expert: str
+    router: str
+    score: float
+    reason: str
+
+    @classmethod
+    def from_pb(cls, r: pb.Routing) -> Routing:
+        return cls(r.expert, r.router, r.score, r.reason)
+
+
+@dataclass
+class Generation:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    routing: Routing
+    prompt_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def from_pb(cls, r: pb.GenerateResponse) -> Generation:
+        return cls(r.request_id, r.text, list(r.token_ids), r.finish_reason, Routing.from_pb(r.routing), r.usage.prompt_tokens, r.usage.completion_tokens)
+
+
+def image_bytes(image: Any) -> bytes:
+    """Accept bytes, a path, or a PIL image; return encoded bytes (PNG for PIL images)."""
+    if image is None:
+        return b""
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    if isinstance(image, str | os.PathLike):
+        return Path(image).read_bytes()
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_request(
+    prompt: str,
+    *,
+    image: Any = None,
+    task: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    chat: bool = False,
+    request_id: str | None = None,
+) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(stop=stop or [])
+    for field, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(sampling, field, value)
+    return pb.GenerateRequest(
+        prompt=prompt, image=image_bytes(image), task=task or "", sampling=sampling, request_id=request_id or "", chat=chat
+    )
+
+
+def bundle_files(bundle_dir: str | os.PathLike) -> list[pb.BundleFile]:
+    """Every regular file of a bundle (or PEFT adapter) directory, with POSIX relative paths."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    files = []
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise ValueError(f"{path}: symlinks are not uploaded")
+        if path.is_file():
+            files.append(pb.BundleFile(path=path.relative_to(root).as_posix(), data=path.read_bytes()))
+    return files
+
+
+def metadata(admin_token: str | None) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {admin_token}")] if admin_token else None

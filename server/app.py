@@ -1,0 +1,97 @@
+"""``deltaserve serve``: one engine, the registry, both front ends, in one process.
+
+Start-up: engine → registry restore → gRPC → HTTP → ``<store>/server.json`` and a
+``deltaserve: ready …`` line on stdout. SIGTERM/SIGINT: refuse new requests
+(UNAVAILABLE / 503, health NOT_SERVING), let in-flight requests finish for up to
+``grace_period_s``, then stop the front ends and the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+
+import uvicorn
+
+from deltaserve.server.config import ServeConfig
+from deltaserve.server.engine import Engine
+from deltaserve.server.grpc_api import GrpcFrontEnd
+from deltaserve.server.http_api import create_app
+from deltaserve.server.registry import DeltaRegistry, _write_atomic
+from deltaserve.server.service import DeltaService
+
+log = logging.getLogger("deltaserve.server")
+
+SERVER_FILE = "server.json"
+
+
+def _bind_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+
+    started = time.perf_counter()
+    config.store.mkdir(parents=True, exist_ok=True)
+    engine = await Engine.start(config.engine)
+    engine_seconds = time.perf_counter() - started
+    registry = DeltaRegistry(config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes)
+    service = DeltaService(config, engine, registry)
+    problems = await service.start()
+    for problem in problems:
+        log.error("not restored: %s", problem)
+
+    grpc_front = GrpcFrontEnd(service, max_message_bytes=config.max_bundle_bytes + (4 << 20))
+    grpc_port = await grpc_front.start(config.host, config.grpc_port)
+    sock = _bind_socket(config.host, config.http_port)
+    http_port = sock.getsockname()[1]
+    http = uvicorn.Server(
+        uvicorn.Config(create_app(service), log_level="warning", lifespan="off", timeout_graceful_shutdown=int(config.grace_period_s))
+    )
+    http_task = asyncio.create_task(http.serve(sockets=[sock]))
+    info = {
+        "pid": os.getpid(),
+        "grpc": f"{config.host}:{grpc_port}",
+        "http": f"http://{config.host}:{http_port}",
+        "base_model": engine.model_name,
+        "deltas": registry.names(),
+        "engine_start_seconds": round(engine_seconds, 2),
+        "ready_seconds": round(time.perf_counter() - started, 2),
+    }
+    _write_atomic(config.store / SERVER_FILE, json.dumps(info, indent=2).encode())
+    print(f"deltaserve: ready grpc={info['grpc']} http={info['http']} base={info['base_model']} "
+          f"deltas={len(info['deltas'])} engine_start={info['engine_start_seconds']}s", flush=True)
+
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining in-flight requests (grace %.0fs)", config.grace_period_s)
+        await grpc_front.stop_accepting()
+        finished = await service.drain(config.grace_period_s)
+        if not finished:
+            log.warning("grace period over: aborting the remaining requests")
+        await grpc_front.stop(grace=0.5)
+        http.should_exit = True
+        await http_task
+        await service.close()
+        engine.shutdown()
+        (config.store / SERVER_FILE).unlink(missing_ok=True)
+        print("deltaserve: stopped", flush=True)

@@ -1,0 +1,217 @@
+"""gRPC front end (``grpc.aio``): ``deltaserve.v1.Inference`` and ``deltaserve.v1.Registry``,
+standard health checking and server reflection.
+
+One interceptor (:class:`ErrorInterceptor`) turns typed errors into status codes; the
+servicers only translate messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from deltaserve.plugins.errors import DeltaServeError
+from deltaserve.plugins.registry import get_kind
+from deltaserve.server.errors import status_of
+from deltaserve.server.registry import LiveDelta
+from deltaserve.server.requests import InferenceRequest, SamplingFields
+from deltaserve.server.service import DeltaService, Routed
+from deltaserve.v1 import deltaserve_pb2 as pb
+from deltaserve.v1 import deltaserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+    pb.DESCRIPTOR.services_by_name["Registry"].full_name,
+)
+
+
+def _token(context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and value.startswith("Bearer "):
+            return value.removeprefix("Bearer ").strip()
+    return None
+
+
+def _inference_request(msg: pb.GenerateRequest) -> InferenceRequest:
+    s = msg.sampling
+    sampling = SamplingFields(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=list(s.stop),
+    )
+    return InferenceRequest(
+        prompt=msg.prompt,
+        image=msg.image or None,
+        task=msg.task or None,
+        sampling=sampling,
+        request_id=msg.request_id or None,
+        chat=msg.chat,
+        api="grpc",
+    )
+
+
+def _routing(routed: Routed) -> pb.Routing:
+    d = routed.decision
+    return pb.Routing(expert=routed.expert, router=d.router, score=d.score, reason=d.reason)
+
+
+def delta_info(delta: LiveDelta) -> pb.DeltaInfo:
+    manifest = delta.manifest
+    return pb.DeltaInfo(
+        name=delta.name,
+        kind=delta.kind,
+        description=manifest.task.description,
+        binding=get_kind(delta.kind).binding,
+        base_fingerprint=manifest.base.fingerprint,
+        content_digest=delta.digest,
+        size_bytes=delta.size_bytes,
+        registered_at=delta.registered_at,
+        manifest_json=manifest.to_json(),
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, service: DeltaService):
+        self.service = service
+
+    async def Generate(self, request, context):
+        text, ids, finish, routed, completion = [], [], "", None, 0
+        async for event in self.service.generate(_inference_request(request)):
+            if isinstance(event, Routed):
+                routed = event
+                continue
+            text.append(event.text)
+            ids.extend(event.token_ids)
+            if event.finished:
+                finish = event.finish_reason or ""
+        completion = len(ids)
+        return pb.GenerateResponse(
+            request_id=routed.request_id,
+            text="".join(text),
+            token_ids=ids,
+            finish_reason=finish,
+            routing=_routing(routed),
+            usage=pb.Usage(prompt_tokens=routed.prompt_tokens, completion_tokens=completion),
+        )
+
+    async def GenerateStream(self, request, context):
+        routed, completion = None, 0
+        async for event in self.service.generate(_inference_request(request)):
+            if isinstance(event, Routed):
+                routed = event
+                yield pb.GenerateChunk(request_id=event.request_id, routing=_routing(event))
+                continue
+            completion += len(event.token_ids)
+            chunk = pb.GenerateChunk(request_id=routed.request_id, text=event.text, token_ids=event.token_ids)
+            if event.finished:
+                chunk.finish_reason = event.finish_reason or ""
+                chunk.usage.CopyFrom(pb.Usage(prompt_tokens=routed.prompt_tokens, completion_tokens=completion))
+            yield chunk
+
+
+class RegistryServicer(pb_grpc.RegistryServicer):
+    def __init__(self, service: DeltaService):
+        self.service = service
+
+    async def Register(self, request, context):
+        files = [(f.path, f.data) for f in request.files]
+        delta = await self.service.register(token=_token(context), files=files, name=request.name or None)
+        return delta_info(delta)
+
+    async def Unregister(self, request, context):
+        await self.service.unregister(request.name, token=_token(context))
+        return pb.UnregisterResponse(name=request.name)
+
+    async def List(self, request, context):
+        return pb.ListResponse(base_model=self.service.base_name, deltas=[delta_info(d) for d in self.service.registry.list()])
+
+    async def Get(self, request, context):
+        return delta_info(self.service.registry.get(request.name))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps typed errors to status codes (``deltaserve.server.errors.status_of``); logs the rest."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner(request, context)
+                except Exception as exc:
+                    await _abort(context, exc, handler_call_details.method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except Exception as exc:
+                    await _abort(context, exc, handler_call_details.method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        return handler
+
+
+async def _abort(context, exc: Exception, method: str):
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    code, _, _ = status_of(exc)
+    if not isinstance(exc, DeltaServeError):
+        log.exception("internal error in %s", method, exc_info=exc)
+    await context.abort(code, str(exc) or type(exc).__name__)
+
+
+class GrpcFrontEnd:
+    def __init__(self, service: DeltaService, max_message_bytes: int):
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(service), self.server)
+        pb_grpc.add_RegistryServicer_to_server(RegistryServicer(service), self.server)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
+        )
+
+    async def start(self, host: str, port: int) -> int:
+        bound = self.server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"could not bind gRPC to {host}:{port}")
+        await self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return bound
+
+    async def stop_accepting(self) -> None:
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)

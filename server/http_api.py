@@ -1,0 +1,364 @@
+"""HTTP front end (FastAPI): OpenAI-compatible completions / chat / models, admin ``/v1/deltas``,
+``/metrics`` and ``/health``.
+
+Compatibility notes (what an OpenAI client sees):
+
+- ``model`` selects the expert: a registered task, the base model's name, or
+  ``auto`` (automatic routing). The response's ``model`` is the expert that served
+  it; the routing decision is in an extra top-level ``routing`` object (and the
+  ``x-deltaserve-expert`` header).
+- Images: chat content parts ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,…"}}``.
+  Only ``data:`` URLs — the server never fetches remote URLs. ``/v1/completions``
+  accepts an extension field ``image`` (a data URL or plain base64).
+- ``n`` must be 1; ``logprobs``, ``echo``, ``suffix``, ``best_of`` > 1 and tools are
+  refused with 400 rather than silently ignored.
+- Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; a
+  malformed body is 400 (not FastAPI's 422).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from deltaserve.plugins.errors import DeltaServeError
+from deltaserve.plugins.registry import get_kind
+from deltaserve.server.errors import InvalidRequestError, status_of
+from deltaserve.server.registry import LiveDelta
+from deltaserve.server.requests import InferenceRequest, SamplingFields
+from deltaserve.server.service import AUTO, DeltaService, Routed
+
+# ---- request bodies -----------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = AUTO
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = 1
+    user: str | None = None
+    return_token_ids: bool = False
+    """Extension (as in vLLM's server): add the generated token ids to the choice."""
+
+    def sampling(self) -> SamplingFields:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingFields(
+            max_tokens=self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=stop,
+        )
+
+    def check_unsupported(self, *fields: str) -> None:
+        if self.n != 1:
+            raise InvalidRequestError("`n` must be 1")
+        extra = self.model_extra or {}
+        for name in fields:
+            value = extra.get(name)
+            if value not in (None, False, 0, 1) or (name in ("logprobs", "top_logprobs") and value not in (None, False)):
+                raise InvalidRequestError(f"`{name}` is not supported by deltaserve")
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+    image: str | None = None
+    """Extension: one image as a data URL or plain base64."""
+
+
+class ChatBody(_Body):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+
+
+class RegisterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    files: dict[str, str] | None = None
+    """Bundle files: relative path → base64 content."""
+    path: str | None = None
+    """Alternatively a bundle directory on the server's file system."""
+
+
+# ---- helpers ------------------------------------------------------------------------
+
+
+def _decode_image_url(url: str, field: str) -> bytes:
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if ";base64" not in header:
+            raise InvalidRequestError(f"`{field}` must be a base64 data URL")
+    elif url.startswith(("http://", "https://")):
+        raise InvalidRequestError(f"`{field}`: remote image URLs are not fetched; send a data URL (data:image/png;base64,…)")
+    else:
+        data = url
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"`{field}` is not valid base64") from None
+
+
+def _chat_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bytes | None]:
+    """OpenAI messages → template messages (image parts as ``{"type": "image"}``) + the image bytes."""
+    image: bytes | None = None
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"`messages[{i}]` must be an object")
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                elif kind == "image_url":
+                    if image is not None:
+                        raise InvalidRequestError("at most one image per request")
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str):
+                        raise InvalidRequestError(f"`messages[{i}].content[{j}].image_url.url` must be a string")
+                    image = _decode_image_url(url, f"messages[{i}].content[{j}].image_url.url")
+                    parts.append({"type": "image"})
+                else:
+                    raise InvalidRequestError(f"`messages[{i}].content[{j}].type` must be `text` or `image_url`")
+            content = parts
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise InvalidRequestError(f"`messages[{i}].content` must be a string or a list of parts")
+        out.append({"role": message.get("role"), "content": content})
+    return out, image
+
+
+def _routing_json(routed: Routed) -> dict:
+    d = routed.decision
+    return {"expert": routed.expert, "router": d.router, "score": d.score, "reason": d.reason}
+
+
+def _usage(routed: Routed, completion: int) -> dict:
+    return {"prompt_tokens": routed.prompt_tokens, "completion_tokens": completion, "total_tokens": routed.prompt_tokens + completion}
+
+
+async def _collect(events) -> tuple[str, list[int], str | None]:
+    text, ids, finish = [], [], None
+    async for chunk in events:
+        text.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        if chunk.finished:
+            finish = chunk.finish_reason
+    return "".join(text), ids, finish
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    _, http_status, err_type = status_of(exc)
+    message = str(exc) if isinstance(exc, DeltaServeError) else "internal server error"
+    return JSONResponse({"error": {"message": message, "type": err_type, "param": None, "code": http_status}}, status_code=http_status)
+
+
+def _sse(obj: dict | str) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+
+def delta_json(delta: LiveDelta) -> dict:
+    return {
+        "name": delta.name,
+        "kind": delta.kind,
+        "binding": get_kind(delta.kind).binding,
+        "description": delta.manifest.task.description,
+        "content_digest": delta.digest,
+        "base_fingerprint": delta.manifest.base.fingerprint,
+        "size_bytes": delta.size_bytes,
+        "registered_at": delta.registered_at,
+        "manifest": delta.manifest.to_dict(),
+    }
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    return value.removeprefix("Bearer ").strip() if value.startswith("Bearer ") else None
+
+
+# ---- the app ------------------------------------------------------------------------
+
+
+def create_app(service: DeltaService) -> FastAPI:
+    app = FastAPI(title="deltaserve", version="1", docs_url="/docs", redoc_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(DeltaServeError)
+    async def _typed_error(request: Request, exc: DeltaServeError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"`{'.'.join(str(p) for p in e['loc'][1:])}`: {e['msg']}" for e in exc.errors())
+        return error_response(InvalidRequestError(f"invalid request body: {problems}"))
+
+    @app.get("/health")
+    async def health():
+        if service.draining or service.engine.errored:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok", "base_model": service.base_name, "deltas": len(service.registry.names())}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": service.base_name, "object": "model", "created": created, "owned_by": "deltaserve", "root": service.base_name, "parent": None}]
+        for d in service.registry.list():
+            data.append(
+                {"id": d.name, "object": "model", "created": int(d.registered_at), "owned_by": "deltaserve", "root": service.base_name,
+                 "parent": service.base_name, "kind": d.kind, "description": d.manifest.task.description}
+            )
+        data.append({"id": AUTO, "object": "model", "created": created, "owned_by": "deltaserve", "root": service.base_name,
+                     "parent": None, "description": "automatic routing to a task expert or the base model"})
+        return {"object": "list", "data": data}
+
+    async def _start(req: InferenceRequest) -> tuple[Routed, AsyncIterator]:
+        """Run the request up to its routing decision, so errors surface before any byte is sent."""
+        events = service.generate(req)
+        first = await anext(events)
+        assert isinstance(first, Routed)
+        return first, events
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        body.check_unsupported("logprobs", "echo", "suffix", "best_of", "tools")
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if len(prompts) != 1 or not isinstance(prompts[0], str):
+            raise InvalidRequestError("`prompt` must be one string (batches: send one request each)")
+        image = _decode_image_url(body.image, "image") if body.image else None
+        req = InferenceRequest(prompt=prompts[0], image=image, task=body.model, sampling=body.sampling(), api="http")
+        routed, events = await _start(req)
+        rid = f"cmpl-{routed.request_id}"
+        headers = {"x-deltaserve-expert": routed.expert}
+        if body.stream:
+
+            async def stream():
+                completion = 0
+                async for chunk in events:
+                    completion += len(chunk.token_ids)
+                    choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason if chunk.finished else None}
+                    payload = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": routed.expert, "choices": [choice]}
+                    if chunk.finished:
+                        payload["usage"] = _usage(routed, completion)
+                        payload["routing"] = _routing_json(routed)
+                    yield _sse(payload)
+                yield _sse("[DONE]")
+
+            return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+        text, ids, finish = await _collect(events)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if body.return_token_ids:
+            choice["token_ids"] = ids
+        return JSONResponse(
+            {"id": rid, "object": "text_completion", "created": int(time.time()), "model": routed.expert, "choices": [choice],
+             "usage": _usage(routed, len(ids)), "routing": _routing_json(routed)},
+            headers=headers,
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody):
+        body.check_unsupported("logprobs", "top_logprobs", "tools", "tool_choice", "functions")
+        messages, image = _chat_messages(body.messages)
+        req = InferenceRequest(messages=messages, image=image, task=body.model, sampling=body.sampling(), chat=True, api="http")
+        routed, events = await _start(req)
+        rid = f"chatcmpl-{routed.request_id}"
+        headers = {"x-deltaserve-expert": routed.expert}
+        if body.stream:
+
+            async def stream():
+                base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": routed.expert}
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                completion = 0
+                async for chunk in events:
+                    completion += len(chunk.token_ids)
+                    choice = {"index": 0, "delta": {"content": chunk.text} if chunk.text else {}, "finish_reason": chunk.finish_reason if chunk.finished else None}
+                    payload = {**base, "choices": [choice]}
+                    if chunk.finished:
+                        payload["usage"] = _usage(routed, completion)
+                        payload["routing"] = _routing_json(routed)
+                    yield _sse(payload)
+                yield _sse("[DONE]")
+
+            return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+        text, ids, finish = await _collect(events)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        if body.return_token_ids:
+            choice["token_ids"] = ids
+        return JSONResponse(
+            {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": routed.expert, "choices": [choice],
+             "usage": _usage(routed, len(ids)), "routing": _routing_json(routed)},
+            headers=headers,
+        )
+
+    # ---- admin ------------------------------------------------------------------
+
+    @app.get("/v1/engine")
+    async def engine_state():
+        """What the engine holds right now: its state and the LoRA adapters loaded in vLLM."""
+        return {
+            "state": service.scheduler.current,
+            "state_switches": service.scheduler.switches,
+            "lora_adapter_ids": sorted(await service.engine.list_loras()) if service.engine.config.enable_lora else [],
+            "inflight": service.inflight,
+        }
+
+    @app.get("/v1/deltas")
+    async def list_deltas():
+        return {"base_model": service.base_name, "deltas": [delta_json(d) for d in service.registry.list()]}
+
+    @app.get("/v1/deltas/{name}")
+    async def get_delta(name: str):
+        return delta_json(service.registry.get(name))
+
+    @app.post("/v1/deltas")
+    async def register_delta(body: RegisterBody, request: Request):
+        token = _bearer(request)
+        service.check_admin(token)  # before decoding a possibly large body
+        if (body.files is None) == (body.path is None):
+            raise InvalidRequestError("give exactly one of `files` (path → base64) or `path`")
+        if body.files is not None:
+            files = []
+            for rel, data in body.files.items():
+                try:
+                    files.append((rel, base64.b64decode(data, validate=True)))
+                except (binascii.Error, ValueError):
+                    raise InvalidRequestError(f"`files.{rel}` is not valid base64") from None
+            delta = await service.register(token=token, files=files, name=body.name)
+        else:
+            from pathlib import Path
+
+            delta = await service.register(token=token, path=Path(body.path), name=body.name)
+        return JSONResponse(delta_json(delta), status_code=201)
+
+    @app.delete("/v1/deltas/{name}")
+    async def delete_delta(name: str, request: Request):
+        await service.unregister(name, token=_bearer(request))
+        return {"name": name, "deleted": True}
+
+    return app
+

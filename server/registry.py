@@ -1,0 +1,368 @@
+"""The persisted delta registry: a store directory, an index, and the live table.
+
+Store layout::
+
+    <store>/index.json               {"format_version", "base", "deltas": {name: record}}
+    <store>/deltas/<name>-<digest>/  one validated bundle per registered version
+    <store>/staging/                 uploads and copies in progress (wiped at start)
+
+Crash consistency: a bundle is copied and fsync'ed into ``staging/``, validated
+there (never in the caller's directory, which could change under us), moved into
+``deltas/``, bound to the engine, and only then is the index rewritten — atomically
+(temp file + fsync + rename + fsync of the directory). Killed at any point, a
+restart finds the delta either fully registered or absent; directories the index
+does not name are removed at start.
+
+Requests hold a *lease* on the version they use (:meth:`DeltaRegistry.lease`). A
+replaced or unregistered version leaves the live table at once (new requests get
+the new version or NOT_FOUND) and is detached from the engine when its last lease
+ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deltaserve.plugins.base_spec import BaseSpec
+from deltaserve.plugins.bundle import MANIFEST_FILE, Bundle, Limits, content_digest, read_bundle
+from deltaserve.plugins.errors import BundleError
+from deltaserve.plugins.manifest import relpath_problem, task_name_problem
+from deltaserve.server import metrics
+from deltaserve.server.bindings import Binding, binding_for
+from deltaserve.server.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+INDEX_VERSION = 1
+DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class LiveDelta:
+    """One registered delta version as the server serves it."""
+
+    name: str
+    kind: str
+    digest: str
+    path: Path
+    bundle: Bundle
+    binding: Binding
+    registered_at: float
+    size_bytes: int
+    leases: int = 0
+    retired: bool = False
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def manifest(self):
+        return self.bundle.manifest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _copy_synced(src: Path, dst: Path, max_bytes: int) -> None:
+    """Copy a bundle directory (regular files only), fsync'ing every file; bounded in size."""
+    total = 0
+    for root, dirs, files in os.walk(src, followlinks=False):
+        rel_root = Path(root).relative_to(src)
+        (dst / rel_root).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            s = Path(root) / name
+            if s.is_symlink() or not s.is_file():
+                continue  # read_bundle on the copy reports what is missing
+            total += s.stat().st_size
+            if total > max_bytes:
+                raise ResourceExhaustedError(f"bundle is larger than the server's limit of {max_bytes} bytes")
+            with open(s, "rb") as fi, open(dst / rel_root / name, "wb") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 20)
+                fo.flush()
+                os.fsync(fo.fileno())
+        dirs[:] = [d for d in dirs if not (Path(root) / d).is_symlink()]
+
+
+class DeltaRegistry:
+    """Registered deltas: persisted in ``store``, bound to ``engine``."""
+
+    def __init__(self, store: Path, base_dir: Path, engine, *, max_bundle_bytes: int, limits: Limits = Limits()):
+        self.store = Path(store)
+        self.base = BaseSpec.from_dir(base_dir)
+        self.engine = engine
+        self.max_bundle_bytes = max_bundle_bytes
+        self.limits = limits
+        self._live: dict[str, LiveDelta] = {}
+        self._lock = asyncio.Lock()
+        self._cleanup_tasks: set[asyncio.Task] = set()
+        for sub in ("deltas", "staging"):
+            (self.store / sub).mkdir(parents=True, exist_ok=True)
+
+    # ---- reading --------------------------------------------------------------------
+
+    def get(self, name: str) -> LiveDelta:
+        try:
+            return self._live[name]
+        except KeyError:
+            raise NotFoundError(f"no delta named `{name}`; registered: {sorted(self._live) or 'none'}") from None
+
+    def list(self) -> list[LiveDelta]:
+        return [self._live[n] for n in sorted(self._live)]
+
+    def names(self) -> list[str]:
+        return sorted(self._live)
+
+    @contextlib.contextmanager
+    def lease(self, name: str):
+        """Hold the current version of ``name`` for the duration of one request."""
+        delta = self.get(name)
+        delta.leases += 1
+        try:
+            yield delta
+        finally:
+            delta.leases -= 1
+            if delta.retired and delta.leases == 0:
+                delta.drained.set()
+
+    # ---- persistence ----------------------------------------------------------------
+
+    def _index_path(self) -> Path:
+        return self.store / INDEX_FILE
+
+    def _read_index(self) -> dict:
+        try:
+            index = json.loads(self._index_path().read_text())
+        except FileNotFoundError:
+            return {}
+        if index.get("format_version") != INDEX_VERSION:
+            raise RuntimeError(f"{self._index_path()}: unsupported index format {index.get('format_version')!r}")
+        return index.get("deltas", {})
+
+    def _write_index(self, live: dict[str, LiveDelta]) -> None:
+        index = {
+            "format_version": INDEX_VERSION,
+            "base": {"name": self.base.name, "fingerprint": self.base.fingerprint},
+            "deltas": {
+                d.name: {
+                    "kind": d.kind,
+                    "digest": d.digest,
+                    "dir": d.path.relative_to(self.store).as_posix(),
+                    "registered_at": d.registered_at,
+                }
+                for d in live.values()
+            },
+        }
+        _write_atomic(self._index_path(), (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+
+    async def restore(self) -> list[str]:
+        """Bind every delta of the index; wipe staging and unreferenced directories. Returns problems."""
+        problems = []
+        shutil.rmtree(self.store / "staging", ignore_errors=True)
+        (self.store / "staging").mkdir()
+        records = self._read_index()
+        referenced = {self.store / r["dir"] for r in records.values()}
+        for entry in (self.store / "deltas").iterdir():
+            if entry not in referenced:
+                log.info("removing unreferenced store entry %s (an interrupted registration)", entry.name)
+                shutil.rmtree(entry, ignore_errors=True)
+        async with self._lock:
+            for name, record in sorted(records.items()):
+                started = time.perf_counter()
+                try:
+                    delta = await self._bind_stored(name, self.store / record["dir"], record["registered_at"])
+                except Exception as exc:
+                    problems.append(f"`{name}`: {exc}")
+                    log.error("could not restore delta %s: %s", name, exc)
+                    continue
+                self._live[name] = delta
+                metrics.DELTA_LOAD_SECONDS.labels(delta.kind).observe(time.perf_counter() - started)
+            self._update_gauges()
+        return problems
+
+    # ---- mutations ------------------------------------------------------------------
+
+    def new_staging_dir(self) -> Path:
+        path = self.store / "staging" / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def write_upload(self, files: list[tuple[str, bytes]]) -> Path:
+        """Write uploaded bundle files into a fresh staging directory (paths checked, size bounded)."""
+        if not files:
+            raise InvalidRequestError("`files` must not be empty")
+        total = sum(len(data) for _, data in files)
+        if total > self.max_bundle_bytes:
+            raise ResourceExhaustedError(f"bundle is {total} bytes; the server's limit is {self.max_bundle_bytes}")
+        problems = [p for rel, _ in files if (p := relpath_problem(rel))]
+        if len({rel for rel, _ in files}) != len(files):
+            problems.append("`files` names a path twice")
+        if problems:
+            raise BundleError("<upload>", problems)
+        staging = self.new_staging_dir()
+        for rel, data in files:
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        return staging
+
+    async def register(self, source: Path, name: str | None = None, *, staged: bool = False) -> LiveDelta:
+        """Validate, store, bind and persist the bundle (or plain PEFT adapter) at ``source``.
+
+        ``staged``: ``source`` is already a private staging directory (an upload) that may be consumed.
+        Re-registering a name with the same content is a no-op; with new content it replaces the
+        live version once the new one is bound.
+        """
+        started = time.perf_counter()
+        kind = "unknown"
+        try:
+            async with self._lock:
+                delta = await self._register_locked(Path(source), name, staged)
+            kind = delta.kind
+            metrics.REGISTRY_OPS.labels("register", "ok").inc()
+            metrics.DELTA_LOAD_SECONDS.labels(kind).observe(time.perf_counter() - started)
+            return delta
+        except Exception:
+            metrics.REGISTRY_OPS.labels("register", "error").inc()
+            raise
+
+    async def _register_locked(self, source: Path, name: str | None, staged: bool) -> LiveDelta:
+        if not source.is_dir():
+            raise InvalidRequestError(f"`{source}` is not a directory")
+        staging = source if staged else self.new_staging_dir()
+        try:
+            if not staged:
+                await asyncio.to_thread(_copy_synced, source, staging, self.max_bundle_bytes)
+            if not (staging / MANIFEST_FILE).exists() and (staging / "adapter_config.json").exists():
+                if name is None and staged:
+                    raise InvalidRequestError("`name` is required to register a plain PEFT adapter directory")
+                peft_dir, staging = staging, self.store / "staging" / uuid.uuid4().hex
+                await asyncio.to_thread(self._import_peft, peft_dir, staging, name or source.name)
+            return await self._store_and_bind(staging, name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already if it was moved into the store
+
+    async def _store_and_bind(self, staging: Path, name: str | None) -> LiveDelta:
+        bundle = await asyncio.to_thread(read_bundle, staging, self.base, self.limits)
+        name = name or bundle.manifest.name
+        if problem := task_name_problem(name):
+            raise InvalidRequestError(problem)
+        if name == self.engine.model_name:
+            raise InvalidRequestError(f"`{name}` is the base model's name; choose another task name")
+        digest = await asyncio.to_thread(content_digest, staging)
+        current = self._live.get(name)
+        if current is not None and current.digest == digest:
+            return current  # idempotent
+        target = self.store / "deltas" / f"{name}-{digest.removeprefix('sha256:')[:16]}"
+        shutil.rmtree(target, ignore_errors=True)  # an orphan of an earlier attempt
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+        bundle.path = target
+        try:
+            delta = await self._bind_stored(name, target, time.time(), bundle, digest)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        live = dict(self._live)
+        live[name] = delta
+        try:
+            await asyncio.to_thread(self._write_index, live)
+        except BaseException:
+            await delta.binding.unbind(self.engine)
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        self._live = live
+        if current is not None:
+            self._retire(current)
+        self._update_gauges()
+        log.info("registered %s (%s, %s)", name, delta.kind, digest[:19])
+        return delta
+
+    def _import_peft(self, peft_dir: Path, out: Path, name: str) -> None:
+        from deltaserve.plugins.lora import import_peft_adapter
+
+        try:
+            import_peft_adapter(peft_dir, out, name=name, base=self.base)
+        finally:
+            shutil.rmtree(peft_dir, ignore_errors=True)
+
+    async def _bind_stored(
+        self, name: str, path: Path, registered_at: float, bundle: Bundle | None = None, digest: str | None = None
+    ) -> LiveDelta:
+        """Bind the stored bundle at ``path`` (validated again unless ``bundle`` is given)."""
+        if bundle is None:
+            bundle = await asyncio.to_thread(read_bundle, path, self.base, self.limits)
+        if digest is None:
+            digest = await asyncio.to_thread(content_digest, path)
+        binding = binding_for(bundle.manifest.kind, name, digest, path)
+        await binding.bind(self.engine)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return LiveDelta(name, bundle.manifest.kind, digest, path, bundle, binding, registered_at, size)
+
+    async def unregister(self, name: str) -> None:
+        """Remove ``name`` now for new requests; detach it once its in-flight requests finish."""
+        try:
+            async with self._lock:
+                delta = self.get(name)
+                live = dict(self._live)
+                del live[name]
+                await asyncio.to_thread(self._write_index, live)
+                self._live = live
+                self._update_gauges()
+            await self._detach(delta)
+            metrics.REGISTRY_OPS.labels("unregister", "ok").inc()
+        except Exception:
+            metrics.REGISTRY_OPS.labels("unregister", "error").inc()
+            raise
+
+    def _retire(self, delta: LiveDelta) -> None:
+        task = asyncio.create_task(self._detach(delta))
+        self._cleanup_tasks.add(task)
+        task.add_done_callback(self._cleanup_tasks.discard)
+
+    async def _detach(self, delta: LiveDelta) -> None:
+        delta.retired = True
+        if delta.leases:
+            try:
+                await asyncio.wait_for(delta.drained.wait(), DRAIN_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("delta %s still has %d requests after %ss; detaching anyway", delta.name, delta.leases, DRAIN_TIMEOUT_S)
+        await delta.binding.unbind(self.engine)
+        shutil.rmtree(delta.path, ignore_errors=True)
+
+    def _update_gauges(self) -> None:
+        counts: dict[str, int] = {}
+        for d in self._live.values():
+            counts[d.kind] = counts.get(d.kind, 0) + 1
+        for kind in set(counts) | {"lora", "sparse", "bottleneck"}:
+            metrics.DELTAS.labels(kind).set(counts.get(kind, 0))
+
+    async def close(self) -> None:
+        for task in list(self._cleanup_tasks):
+            with contextlib.suppress(Exception):
+                await task

@@ -1,0 +1,203 @@
+"""Inference requests: what the front ends hand in, and their validation.
+
+Both front ends (gRPC, HTTP) build an :class:`InferenceRequest` and call
+:func:`prepare`, which checks everything *before* the request reaches routing or the
+engine, and raises :class:`~deltaserve.server.errors.InvalidRequestError` naming the
+field. A refused request changes nothing.
+
+Prompt semantics (the same as vLLM's): ``prompt`` is raw text, tokenized as is (the
+tokenizer adds BOS). With ``chat=True`` (``/v1/chat/completions``, or
+``GenerateRequest.chat``) the messages go through the base model's chat template
+first. One image per request: if an image is attached and the prompt has no
+``<image>`` placeholder, ``"<image>\\n"`` is put in front; vLLM expands the
+placeholder to the image's feature tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltaserve.server.config import ServeConfig
+from deltaserve.server.engine import Sampling
+from deltaserve.server.errors import InvalidRequestError
+
+IMAGE_PLACEHOLDER = "<image>"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_STOP_STRINGS = 4
+
+
+@dataclass
+class SamplingFields:
+    """Sampling values as sent; ``None`` means "not set" (server default)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InferenceRequest:
+    """One generation request, front-end independent."""
+
+    prompt: str = ""
+    """Raw prompt; ignored when ``messages`` is given."""
+    image: bytes | None = None
+    """Encoded image (PNG, JPEG, …), at most one."""
+    task: str | None = None
+    """A registered task, the base model's name, ``"auto"`` or None (= auto)."""
+    sampling: SamplingFields = field(default_factory=SamplingFields)
+    request_id: str | None = None
+    chat: bool = False
+    """Apply the chat template to ``prompt`` as one user turn."""
+    messages: list[dict[str, Any]] | None = None
+    """Chat messages (``{"role", "content"}``; content a string or text/image parts); implies ``chat``."""
+    api: str = "grpc"
+    """Which front end sent it (a metrics label)."""
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request, ready for routing and the engine."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt_tokens: int
+    """Prompt length as the engine counts it (image placeholder expanded)."""
+    sampling: Sampling
+    image: Any
+    """Decoded RGB ``PIL.Image`` or None."""
+    user_text: str
+    """What the user asked (last user turn, no template): the router's input."""
+    image_bytes: bytes | None = None
+
+
+def decode_image(data: bytes, config: ServeConfig):
+    """Decode an untrusted image, refusing oversized data *before* decompressing pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > config.max_image_bytes:
+        raise InvalidRequestError(f"`image` is {len(data)} bytes; the limit is {config.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            width, height = img.size
+            if width * height > config.max_image_pixels:
+                raise InvalidRequestError(
+                    f"`image` is {width}×{height} pixels; the limit is {config.max_image_pixels} pixels"
+                )
+            img.load()
+            return img.convert("RGB")
+    except InvalidRequestError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidRequestError(f"`image` could not be decoded: {exc}") from None
+
+
+def _sampling(fields: SamplingFields, prompt_tokens: int, max_model_len: int, config: ServeConfig) -> Sampling:
+    room = max_model_len - prompt_tokens
+    if fields.max_tokens is None:
+        max_tokens = min(config.default_max_tokens, room)
+    else:
+        max_tokens = fields.max_tokens
+        if max_tokens <= 0:
+            raise InvalidRequestError(f"`max_tokens` must be at least 1, got {max_tokens}")
+        if max_tokens > config.max_tokens_limit:
+            raise InvalidRequestError(f"`max_tokens` {max_tokens} is above the server limit {config.max_tokens_limit}")
+        if max_tokens > room:
+            raise InvalidRequestError(
+                f"`max_tokens` {max_tokens} does not fit: the prompt takes {prompt_tokens} of the model's {max_model_len} tokens"
+            )
+    temperature = 1.0 if fields.temperature is None else float(fields.temperature)
+    if not math.isfinite(temperature) or not 0.0 <= temperature <= 2.0:
+        raise InvalidRequestError(f"`temperature` must be within [0, 2], got {fields.temperature}")
+    top_p = 1.0 if fields.top_p is None else float(fields.top_p)
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidRequestError(f"`top_p` must be within (0, 1], got {fields.top_p}")
+    top_k = 0 if fields.top_k is None else int(fields.top_k)
+    if top_k < 0:
+        raise InvalidRequestError(f"`top_k` must be 0 (off) or positive, got {top_k}")
+    if len(fields.stop) > MAX_STOP_STRINGS or any(not s or len(s) > 64 for s in fields.stop):
+        raise InvalidRequestError(f"`stop` takes at most {MAX_STOP_STRINGS} non-empty strings of ≤ 64 characters")
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=fields.seed, stop=list(fields.stop))
+
+
+def _chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
+    """Render chat messages with the model's template; return (prompt, last user text)."""
+    if not messages:
+        raise InvalidRequestError("`messages` must not be empty")
+    user_text = ""
+    for i, message in enumerate(messages):
+        if message.get("role") not in ("system", "user", "assistant"):
+            raise InvalidRequestError(f"`messages[{i}].role` must be system, user or assistant")
+        content = message.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            text = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        else:
+            raise InvalidRequestError(f"`messages[{i}].content` must be a string or a list of parts")
+        if message["role"] == "user":
+            user_text = text
+    if messages[-1].get("role") != "user":
+        raise InvalidRequestError("the last message must come from the user")
+    try:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template error is the request's fault (odd message structure)
+        raise InvalidRequestError(f"`messages` do not fit the model's chat template: {exc}") from None
+    return prompt, user_text
+
+
+def prepare(req: InferenceRequest, *, tokenizer, max_model_len: int, image_tokens: int, config: ServeConfig) -> PreparedRequest:
+    """Validate ``req`` and turn it into token ids + engine sampling parameters."""
+    if req.request_id is not None and req.request_id != "" and not _REQUEST_ID.fullmatch(req.request_id):
+        raise InvalidRequestError("`request_id` must be 1-128 characters of [A-Za-z0-9._:-]")
+    request_id = req.request_id or uuid.uuid4().hex
+
+    image = decode_image(req.image, config) if req.image else None
+    if req.messages is not None:
+        prompt, user_text = _chat_prompt(tokenizer, req.messages)
+    else:
+        if not req.prompt or not req.prompt.strip():
+            raise InvalidRequestError("`prompt` must not be empty")
+        user_text = req.prompt
+        prompt = req.prompt
+        if req.chat:
+            prompt, user_text = _chat_prompt(tokenizer, [{"role": "user", "content": req.prompt}])
+    if not user_text.strip() and image is None:
+        raise InvalidRequestError("`prompt` must not be empty")
+
+    placeholders = prompt.count(IMAGE_PLACEHOLDER)
+    if image is not None and placeholders == 0:
+        prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
+        placeholders = 1
+    if placeholders > 1:
+        raise InvalidRequestError(f"at most one image per request; the prompt has {placeholders} `{IMAGE_PLACEHOLDER}` placeholders")
+    if placeholders == 1 and image is None:
+        raise InvalidRequestError(f"the prompt contains `{IMAGE_PLACEHOLDER}` but no image was sent")
+
+    ids = tokenizer(prompt).input_ids
+    prompt_tokens = len(ids) + (image_tokens - 1 if image is not None else 0)
+    if prompt_tokens >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt is {prompt_tokens} tokens; the model's context is {max_model_len} tokens (including the answer)"
+        )
+    sampling = _sampling(req.sampling, prompt_tokens, max_model_len, config)
+    return PreparedRequest(
+        request_id=request_id,
+        prompt_token_ids=ids,
+        prompt_tokens=prompt_tokens,
+        sampling=sampling,
+        image=image,
+        user_text=user_text.strip(),
+        image_bytes=req.image,
+    )

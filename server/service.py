@@ -1,0 +1,232 @@
+"""The serving core both front ends call: validate → route → schedule → generate, plus registry ops.
+
+Front ends (gRPC, HTTP) translate their wire formats into
+:class:`~deltaserve.server.requests.InferenceRequest` and back, and translate typed
+errors into status codes; everything else happens here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltaserve.server import metrics
+from deltaserve.server.bindings import BASE_STATE
+from deltaserve.server.config import ServeConfig
+from deltaserve.server.engine import Chunk, Engine, GenerationInput
+from deltaserve.server.errors import InvalidRequestError, NotFoundError, UnauthenticatedError, UnavailableError
+from deltaserve.server.registry import DeltaRegistry, LiveDelta
+from deltaserve.server.requests import InferenceRequest, PreparedRequest, prepare
+from deltaserve.server.routing import ExplicitRouter, RouteDecision, RouteQuery, Router, TaskCard, load_router
+from deltaserve.server.scheduler import SchedulerConfig, StateScheduler
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+_OUTCOMES = {InvalidRequestError: "invalid", NotFoundError: "not_found", UnavailableError: "unavailable"}
+
+
+@dataclass
+class Routed:
+    """First event of every generation: who serves it and why."""
+
+    request_id: str
+    expert: str
+    """Task name, or the base model's name."""
+    decision: RouteDecision
+    prompt_tokens: int
+
+
+class DeltaService:
+    def __init__(self, config: ServeConfig, engine: Engine, registry: DeltaRegistry, exclusive=None):
+        self.config = config
+        self.engine = engine
+        self.registry = registry
+        self.exclusive = exclusive
+        """:class:`~deltaserve.server.exclusive.ExclusiveStates` when the worker extension is loaded."""
+        switch = exclusive.switch if exclusive is not None else _base_only_switch
+        self.scheduler = StateScheduler(switch, SchedulerConfig(**_scheduler_options(config.extra)))
+        self.explicit_router = ExplicitRouter()
+        self.auto_router: Router = load_router(config.router, _router_options(config.extra), engine=engine, base_dir=config.engine.model)
+        self.base_name = engine.model_name
+        self.image_tokens = _image_tokens(engine)
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    # ---- inference ------------------------------------------------------------------
+
+    async def generate(self, req: InferenceRequest) -> AsyncIterator[Routed | Chunk]:
+        """Yield :class:`Routed` once, then the output chunks. Raises typed errors before the first event."""
+        if self.draining:
+            raise UnavailableError("the server is shutting down")
+        started = time.perf_counter()
+        task_label = "unknown"
+        outcome = "error"
+        self._enter()
+        try:
+            prep = prepare(
+                req,
+                tokenizer=self.engine.tokenizer,
+                max_model_len=self.engine.max_model_len,
+                image_tokens=self.image_tokens,
+                config=self.config,
+            )
+            decision = self._route(req.task, prep)
+            expert = decision.expert or self.base_name
+            task_label = expert
+            metrics.ROUTING.labels(decision.router, expert).inc()
+            lease = self.registry.lease(decision.expert) if decision.expert else contextlib.nullcontext(None)
+            with lease as delta:
+                binding = delta.binding if delta else None
+                state = binding.state if binding else BASE_STATE
+                async with self.scheduler.slot(state):
+                    yield Routed(prep.request_id, expert, decision, prep.prompt_tokens)
+                    first = True
+                    generated = 0
+                    inp = GenerationInput(
+                        prep.request_id, prep.prompt_token_ids, prep.sampling, prep.image, binding.lora_request() if binding else None
+                    )
+                    async for chunk in self.engine.generate(inp):
+                        if first and chunk.token_ids:
+                            metrics.TTFT.labels(task_label).observe(time.perf_counter() - started)
+                            first = False
+                        generated += len(chunk.token_ids)
+                        yield chunk
+            metrics.GENERATED_TOKENS.labels(task_label).inc(generated)
+            metrics.PROMPT_TOKENS.labels(task_label).inc(prep.prompt_tokens)
+            metrics.REQUEST_LATENCY.labels(task_label).observe(time.perf_counter() - started)
+            outcome = "ok"
+        except GeneratorExit:
+            outcome = "cancelled"
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as exc:
+            outcome = _OUTCOMES.get(type(exc), "error")
+            raise
+        finally:
+            metrics.REQUESTS.labels(task_label, outcome, req.api).inc()
+            self._exit()
+
+    def _route(self, task: str | None, prep: PreparedRequest) -> RouteDecision:
+        query = RouteQuery(text=prep.user_text, image=prep.image, task=task)
+        if task and task != AUTO:
+            if task == self.base_name:
+                return RouteDecision(None, 1.0, "the request named the base model", self.explicit_router.name)
+            if task not in self.registry.names():
+                raise NotFoundError(f"unknown task `{task}`; available: {[self.base_name, *self.registry.names()]}")
+            return self.explicit_router.route(query)
+        decision = self.auto_router.route(query)
+        if decision.expert is not None and decision.expert not in self.registry.names():
+            return RouteDecision(None, decision.score, f"router chose unknown task `{decision.expert}`; base instead", decision.router)
+        return decision
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def _enter(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+        metrics.INFLIGHT.set(self._inflight)
+
+    def _exit(self) -> None:
+        self._inflight -= 1
+        metrics.INFLIGHT.set(self._inflight)
+        if self._inflight == 0:
+            self._idle.set()
+
+    # ---- registry -------------------------------------------------------------------
+
+    def check_admin(self, token: str | None) -> None:
+        expected = self.config.admin_token
+        if expected and not (token and hmac.compare_digest(token.encode(), expected.encode())):
+            raise UnauthenticatedError("this operation needs the admin token (Authorization: Bearer <token>)")
+
+    async def register(self, *, token: str | None, path: Path | None = None, files=None, name: str | None = None) -> LiveDelta:
+        self.check_admin(token)
+        if files is not None:
+            staging = self.registry.write_upload(files)
+            delta = await self.registry.register(staging, name, staged=True)
+        else:
+            delta = await self.registry.register(Path(path), name)
+        self._registry_changed()
+        return delta
+
+    async def unregister(self, name: str, *, token: str | None) -> None:
+        self.check_admin(token)
+        await self.registry.unregister(name)
+        self._registry_changed()
+
+    def task_cards(self) -> list[TaskCard]:
+        return [task_card(d) for d in self.registry.list()]
+
+    def _registry_changed(self) -> None:
+        self.auto_router.update(self.task_cards())
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> list[str]:
+        problems = await self.registry.restore()
+        self._registry_changed()
+        return problems
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new requests; wait up to ``grace_s`` for in-flight ones. True if all finished."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        await self.scheduler.close()
+        await self.registry.close()
+
+
+def task_card(delta: LiveDelta) -> TaskCard:
+    from PIL import Image
+
+    examples = []
+    for ex in delta.manifest.task.examples:
+        image = None
+        if ex.image:
+            with Image.open(delta.path / ex.image) as img:
+                image = img.convert("RGB")
+        examples.append((ex.text, image))
+    return TaskCard(delta.name, delta.kind, delta.manifest.task.description, examples)
+
+
+async def _base_only_switch(state: str) -> None:
+    raise RuntimeError(f"cannot switch the engine to `{state}`: exclusive deltas are disabled (--no-exclusive)")
+
+
+def _image_tokens(engine: Engine) -> int:
+    """Feature tokens one image expands to (LLaVA: (image/patch)², CLS dropped by the "default" strategy)."""
+    hf = engine.hf_config
+    vision = hf.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    return n if getattr(hf, "vision_feature_select_strategy", "default") == "default" else n + 1
+
+
+def _scheduler_options(extra: dict) -> dict:
+    out = {}
+    if "max_state_wait_s" in extra:
+        out["max_wait_s"] = float(extra["max_state_wait_s"])
+    if "state_batch_wait_s" in extra:
+        out["min_batch_wait_s"] = float(extra["state_batch_wait_s"])
+    return out
+
+
+def _router_options(extra: dict) -> dict:
+    return {k.removeprefix("router."): v for k, v in extra.items() if k.startswith("router.")}
