@@ -34,3 +34,17 @@ def server_address() -> str | None:
 def http_address() -> str | None:
     """``DELTASERVE_HTTP``: default HTTP base URL of the client CLI (``deltaserve metrics``)."""
     return os.environ.get("DELTASERVE_HTTP") or None
+
+
+def fault_pause() -> tuple[str, float, str | None] | None:
+    """``DELTASERVE_FAULT_PAUSE=<point>:<seconds>[:<task>]``: a *test-only* fault-injection hook.
+
+    The registry sleeps that long at the named point of a registration (of ``task`` only,
+    if given): ``stored`` — the bundle is in the store but not in the index; ``indexed`` —
+    the index names it, the call has not returned. A test can SIGKILL the server there.
+    """
+    value = os.environ.get("DELTASERVE_FAULT_PAUSE")
+    if not value:
+        return None
+    point, seconds, task = (value.split(":") + ["", ""])[:3]
+    return point, float(seconds or 30), task or None

@@ -32,6 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deltaserve.plugins import env
 from deltaserve.plugins.base_spec import BaseSpec
 from deltaserve.plugins.bundle import MANIFEST_FILE, Bundle, Limits, content_digest, read_bundle
 from deltaserve.plugins.errors import BundleError
@@ -66,6 +67,14 @@ class LiveDelta:
     @property
     def manifest(self):
         return self.bundle.manifest
+
+
+async def _fault_point(point: str, task: str) -> None:
+    """Test-only pause (``DELTASERVE_FAULT_PAUSE``) so crash tests can kill the server right here."""
+    fault = env.fault_pause()
+    if fault and fault[0] == point and fault[2] in (None, task):
+        log.warning("fault injection: pausing %.0fs at `%s` of %s", fault[1], point, task)
+        await asyncio.sleep(fault[1])
 
 
 def _fsync_dir(path: Path) -> None:
@@ -282,6 +291,7 @@ class DeltaRegistry:
         shutil.rmtree(target, ignore_errors=True)  # an orphan of an earlier attempt
         os.replace(staging, target)
         _fsync_dir(target.parent)
+        await _fault_point("stored", name)
         bundle.path = target
         try:
             delta = await self._bind_stored(name, target, time.time(), bundle, digest)
@@ -296,6 +306,7 @@ class DeltaRegistry:
             await delta.binding.unbind(self.engine)
             shutil.rmtree(target, ignore_errors=True)
             raise
+        await _fault_point("indexed", name)
         self._live = live
         if current is not None:
             self._retire(current)
