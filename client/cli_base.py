@@ -1,4 +1,4 @@
-"""``deltaserve base …``: build, fingerprint (and later pretrain) the embedded default base."""
+"""``deltaserve base …``: build, pretrain and fingerprint the embedded default base."""
 
 from __future__ import annotations
 
@@ -36,3 +36,40 @@ def fingerprint_cmd(base_dir: Path) -> None:
     from deltaserve.plugins.fingerprint import fingerprint
 
     click.echo(fingerprint(base_dir))
+
+
+@base.command("pretrain")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write (must not exist or be empty).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initialisation and the batch order.")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Optimizer steps (default: the tuned default).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def pretrain(out: Path, seed: int, steps: int | None, quiet: bool) -> None:
+    """Pretrain the tiny base on the world's general tasks (cached by content hash)."""
+    from dataclasses import replace
+
+    from deltaserve.plugins.fingerprint import fingerprint
+    from deltaserve.tuning.cache import copy_dir
+    from deltaserve.tuning.pretrain import PretrainConfig
+    from deltaserve.tuning.pretrain import pretrain as run_pretrain
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise click.UsageError(f"`--out` {out} exists and is not empty")
+    config = PretrainConfig(seed=seed)
+    if steps is not None:
+        config = replace(config, steps=steps)
+    started = time.perf_counter()
+    result = run_pretrain(config, progress=not quiet)
+    copy_dir(result.path, out)
+    meta = result.meta
+    click.echo(
+        json.dumps(
+            {
+                "out": str(out),
+                "fingerprint": fingerprint(out),
+                "cached": result.cached,
+                "general_score": meta["general_score"],
+                "scores": meta["scores"],
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+    )

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# TODO: subclass deltaserve.plugins.errors.DeltaServeError once that module lands.
-_Base = Exception
+from deltaserve.plugins.errors import DeltaServeError
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,7 @@ class DataProblem:
         return f"{where}: {self.message}"
 
 
-class DataError(_Base):
+class DataError(DeltaServeError):
     """Task data that cannot be used. ``problems`` holds every problem found; the message names each file and line."""
 
     MAX_LISTED = 20

@@ -15,10 +15,13 @@ from the general prompts, so a router can tell the tasks apart.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deltaserve.tuning.world import digits, general, relations, text
+from deltaserve.plugins import env
+from deltaserve.tuning.cache import atomic_dir, source_hash, stable_hash
+from deltaserve.tuning.world import digits, general, relations, render, scene_tasks, scenes, spec, text, writer
 from deltaserve.tuning.world.spec import SPLITS, TaskSpec
 from deltaserve.tuning.world.writer import write_task
 
@@ -66,4 +69,20 @@ def build_world(out: Path, config: WorldConfig | None = None, tasks: tuple[str, 
     return written
 
 
-__all__ = ["DOWNSTREAM_TASKS", "GENERAL_TASKS", "TASKS", "WORLD_VERSION", "WorldConfig", "build_world"]
+def world_key(config: WorldConfig, tasks: tuple[str, ...] | None = None) -> str:
+    """Content key of a generated world: version, config, task selection and the generator's code."""
+    code = source_hash([digits, general, relations, render, scene_tasks, scenes, spec, text, writer, sys.modules[__name__]])
+    return stable_hash({"world_version": WORLD_VERSION, "config": asdict(config), "tasks": sorted(tasks) if tasks else None, "code": code})
+
+
+def cached_world(config: WorldConfig | None = None, tasks: tuple[str, ...] | None = None) -> Path:
+    """The world generated once under ``cache_dir()/worlds/<key>`` (written atomically); returns its directory."""
+    config = config or WorldConfig()
+    final = env.cache_dir() / "worlds" / world_key(config, tasks)[:32]
+    if not (final / "world.json").is_file():
+        with atomic_dir(final, exist_ok=True) as tmp:
+            build_world(tmp, config, tasks)
+    return final
+
+
+__all__ = ["DOWNSTREAM_TASKS", "GENERAL_TASKS", "TASKS", "WORLD_VERSION", "WorldConfig", "build_world", "cached_world", "world_key"]
