@@ -20,6 +20,7 @@ import uvicorn
 
 from deltaserve.server.config import ServeConfig
 from deltaserve.server.engine import Engine
+from deltaserve.server.exclusive import ExclusiveStates
 from deltaserve.server.grpc_api import GrpcFrontEnd
 from deltaserve.server.http_api import create_app
 from deltaserve.server.registry import DeltaRegistry, _write_atomic
@@ -53,8 +54,9 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     config.store.mkdir(parents=True, exist_ok=True)
     engine = await Engine.start(config.engine)
     engine_seconds = time.perf_counter() - started
-    registry = DeltaRegistry(config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes)
-    service = DeltaService(config, engine, registry)
+    exclusive = ExclusiveStates(engine) if config.engine.exclusive_deltas else None
+    registry = DeltaRegistry(config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes, exclusive=exclusive)
+    service = DeltaService(config, engine, registry, exclusive)
     problems = await service.start()
     for problem in problems:
         log.error("not restored: %s", problem)

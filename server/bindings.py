@@ -8,8 +8,9 @@ it is unregistered or replaced. Two families, as DESIGN.md §Plugins describes:
 - **exclusive** (sparse, bottleneck): the delta is staged in the worker and becomes
   active only when the scheduler switches the engine into its *state*.
 
-The kind → binding table is :data:`BINDINGS`; a third-party kind needs an entry
-there (or in ``deltaserve.bindings`` entry points, later) to be servable.
+The kind → binding table is :data:`BINDINGS` (``lora`` here, ``sparse`` and
+``bottleneck`` in :mod:`deltaserve.server.exclusive`); a third-party kind needs an
+entry there to be servable.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ BASE_STATE = "base"
 class Binding(ABC):
     """One delta version attached to the engine."""
 
-    def __init__(self, name: str, digest: str, path: Path):
+    def __init__(self, name: str, digest: str, path: Path, **context):
         self.name, self.digest, self.path = name, digest, path
 
     @property
@@ -56,7 +57,7 @@ class LoraBinding(Binding):
     re-registered task never shares an adapter slot or prefix-cache blocks with its
     previous weights (vLLM keys cached blocks by adapter name and path)."""
 
-    def __init__(self, name: str, digest: str, path: Path):
+    def __init__(self, name: str, digest: str, path: Path, **context):
         super().__init__(name, digest, path)
         from vllm.lora.request import LoRARequest
 
@@ -82,9 +83,12 @@ class LoraBinding(Binding):
 BINDINGS: dict[str, type[Binding]] = {"lora": LoraBinding}
 
 
-def binding_for(kind: str, name: str, digest: str, path: Path) -> Binding:
+def binding_for(kind: str, name: str, digest: str, path: Path, **context) -> Binding:
+    """``context``: what a binding may need besides the bundle (``exclusive=``, ``config=`` …)."""
+    import deltaserve.server.exclusive  # noqa: F401  (adds the exclusive kinds to BINDINGS)
+
     try:
         cls = BINDINGS[kind]
     except KeyError:
         raise EngineBindError(f"delta kind `{kind}` cannot be served: no engine binding (servable: {sorted(BINDINGS)})") from None
-    return cls(name, digest, path)
+    return cls(name, digest, path, **context)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class GenerationInput:
     sampling: Sampling
     image: Any = None  # PIL.Image.Image | None
     lora: Any = None  # vllm.lora.request.LoRARequest | None
+    cache_salt: str | None = None
+    """Engine state the request runs in, when it is not the base state. Salts vLLM's prefix
+    cache (KV blocks) and keys the image's encoder-cache entry, so that cached work computed
+    with other weights is never reused (LoRA requests are keyed by adapter by vLLM itself)."""
 
 
 @dataclass
@@ -53,6 +58,14 @@ class Chunk:
     finished: bool
     finish_reason: str | None = None
     prompt_tokens: int = 0
+
+
+def _image_digest(image) -> str:
+    """Content digest of a PIL image (mode, size, pixels): an encoder-cache key that is
+    unique per image, like vLLM's own hash, and can be combined with a state salt."""
+    h = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
 
 
 class Engine:
@@ -113,6 +126,10 @@ class Engine:
         prompt: dict[str, Any] = {"prompt_token_ids": inp.prompt_token_ids}
         if inp.image is not None:
             prompt["multi_modal_data"] = {"image": inp.image}
+        if inp.cache_salt is not None:
+            prompt["cache_salt"] = inp.cache_salt
+            if inp.image is not None:
+                prompt["multi_modal_uuids"] = {"image": [f"{inp.cache_salt}:{_image_digest(inp.image)}"]}
         async for out in self._llm.generate(prompt, params, inp.request_id, lora_request=inp.lora):
             completion = out.outputs[0]
             yield Chunk(

@@ -327,6 +327,11 @@ def create_app(service: DeltaService) -> FastAPI:
             "inflight": service.inflight,
         }
 
+    @app.post("/v1/engine/verify")
+    async def verify_engine(request: Request):
+        """Admin: do the live base-state weights equal the base checkpoint? (read back from the engine)"""
+        return await service.verify_base(token=_bearer(request))
+
     @app.get("/v1/deltas")
     async def list_deltas():
         return {"base_model": service.base_name, "deltas": [delta_json(d) for d in service.registry.list()]}

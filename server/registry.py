@@ -118,8 +118,10 @@ def _copy_synced(src: Path, dst: Path, max_bytes: int) -> None:
 class DeltaRegistry:
     """Registered deltas: persisted in ``store``, bound to ``engine``."""
 
-    def __init__(self, store: Path, base_dir: Path, engine, *, max_bundle_bytes: int, limits: Limits = Limits()):
+    def __init__(self, store: Path, base_dir: Path, engine, *, max_bundle_bytes: int, limits: Limits = Limits(), exclusive=None):
         self.store = Path(store)
+        self.exclusive = exclusive
+        """:class:`~deltaserve.server.exclusive.ExclusiveStates`, or None without exclusive deltas."""
         self.base = BaseSpec.from_dir(base_dir)
         self.engine = engine
         self.max_bundle_bytes = max_bundle_bytes
@@ -330,7 +332,7 @@ class DeltaRegistry:
             bundle = await asyncio.to_thread(read_bundle, path, self.base, self.limits)
         if digest is None:
             digest = await asyncio.to_thread(content_digest, path)
-        binding = binding_for(bundle.manifest.kind, name, digest, path)
+        binding = binding_for(bundle.manifest.kind, name, digest, path, exclusive=self.exclusive, config=bundle.manifest.config)
         await binding.bind(self.engine)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         return LiveDelta(name, bundle.manifest.kind, digest, path, bundle, binding, registered_at, size)

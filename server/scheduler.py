@@ -178,12 +178,11 @@ class StateScheduler:
     def _update_depth(self, state: str) -> None:
         metrics.STATE_QUEUE_DEPTH.labels(_label(state)).set(len(self._queues.get(state, ())))
 
-    def forget_state(self, state: str) -> None:
-        """A state's delta is gone: fail whatever still waits for it (callers re-route)."""
-        for waiter in self._queues.pop(state, deque()):
-            if not waiter.future.done():
-                waiter.future.set_exception(LookupError(state))
-        self._update_depth(state)
+    def state_removed(self, state: str) -> None:
+        """A state's delta was unstaged (only ever with none of its requests queued or running:
+        they hold leases on the delta). If the engine was left in it, the worker has reverted it."""
+        if self.current == state:
+            self.current = BASE_STATE
 
     async def close(self) -> None:
         if self._task is not None:

@@ -52,6 +52,8 @@ class DeltaService:
         """:class:`~deltaserve.server.exclusive.ExclusiveStates` when the worker extension is loaded."""
         switch = exclusive.switch if exclusive is not None else _base_only_switch
         self.scheduler = StateScheduler(switch, SchedulerConfig(**_scheduler_options(config.extra)))
+        if exclusive is not None:
+            exclusive.on_unstaged = self.scheduler.state_removed
         self.explicit_router = ExplicitRouter()
         self.auto_router: Router = load_router(config.router, _router_options(config.extra), engine=engine, base_dir=config.engine.model)
         self.base_name = engine.model_name
@@ -92,7 +94,12 @@ class DeltaService:
                     first = True
                     generated = 0
                     inp = GenerationInput(
-                        prep.request_id, prep.prompt_token_ids, prep.sampling, prep.image, binding.lora_request() if binding else None
+                        prep.request_id,
+                        prep.prompt_token_ids,
+                        prep.sampling,
+                        prep.image,
+                        binding.lora_request() if binding else None,
+                        cache_salt=None if state == BASE_STATE else state,
                     )
                     async for chunk in self.engine.generate(inp):
                         if first and chunk.token_ids:
@@ -166,6 +173,25 @@ class DeltaService:
         self.check_admin(token)
         await self.registry.unregister(name)
         self._registry_changed()
+
+    async def verify_base(self, *, token: str | None) -> dict:
+        """Check that the weights the engine computes with in the base state are the base's.
+
+        Holds the engine in the base state (the scheduler switches back and keeps exclusive
+        states out meanwhile), reads every checkpoint tensor back from the live model
+        (see :func:`deltaserve.server.worker_patches.live_hashes`) and compares digests with
+        the base checkpoint — the files the base fingerprint covers.
+        """
+        self.check_admin(token)
+        if self.exclusive is None:
+            raise UnavailableError("weight verification needs the worker extension (the server runs with --no-exclusive)")
+        from deltaserve.server.worker_patches import checkpoint_hashes
+
+        async with self.scheduler.slot(BASE_STATE):
+            live = await self.exclusive.live_hashes()
+        expected = await asyncio.to_thread(checkpoint_hashes, self.config.engine.model, sorted(live))
+        mismatched = sorted(name for name in live if live[name] != expected[name])
+        return {"match": not mismatched, "tensors": len(live), "mismatched": mismatched, "state_switches": self.scheduler.switches}
 
     def task_cards(self) -> list[TaskCard]:
         return [task_card(d) for d in self.registry.list()]

@@ -2,15 +2,55 @@
 
 vLLM imports this module in the worker before the model is loaded and adds
 :class:`DeltaWorkerExtension` to the worker's bases; the engine reaches its methods
-with ``collective_rpc(<method name>, args=...)``. Method names must not clash with
-the worker's own (vLLM asserts that), hence the ``ds_`` prefix.
+with ``collective_rpc(<method name>, args=...)`` (arguments and results are plain
+types). Method names carry a ``ds_`` prefix: vLLM asserts they do not clash with
+the worker's own. The work itself is in :mod:`deltaserve.server.worker_patches`.
 """
 
 from __future__ import annotations
 
+import time
+
 
 class DeltaWorkerExtension:
-    """Engine states for exclusive deltas (sparse, bottleneck); see :mod:`deltaserve.server.exclusive`."""
+    """Engine states for exclusive deltas (sparse, bottleneck)."""
 
-    def ds_ping(self) -> str:
-        return type(self.model_runner.model).__name__
+    def _ds_states(self):
+        states = getattr(self, "_deltaserve_states", None)
+        if states is None:
+            from deltaserve.server.worker_patches import StateManager
+
+            states = self._deltaserve_states = StateManager(self.model_runner.model)
+        return states
+
+    def ds_stage(self, state: str, kind: str, bundle_dir: str, config: dict) -> dict:
+        """Prepare (not activate) the patch of an exclusive delta. Returns a summary."""
+        from deltaserve.server import worker_patches as wp
+
+        model = self.model_runner.model
+        if kind == "sparse":
+            patch = wp.build_sparse_patch(model, self.model_runner.model_config.model, bundle_dir, config)
+        elif kind == "bottleneck":
+            patch = wp.build_bottleneck_patch(model, bundle_dir, config)
+        else:
+            raise ValueError(f"no exclusive engine binding for kind `{kind}`")
+        self._ds_states().stage(state, patch)
+        return patch.summary
+
+    def ds_activate(self, state: str) -> float:
+        """Put the engine into ``state`` (``"base"``: the untouched base). Returns seconds taken."""
+        started = time.perf_counter()
+        self._ds_states().activate(state)
+        return time.perf_counter() - started
+
+    def ds_unstage(self, state: str) -> None:
+        self._ds_states().unstage(state)
+
+    def ds_current_state(self) -> str:
+        return self._ds_states().current
+
+    def ds_live_hashes(self) -> dict:
+        """sha256 per checkpoint tensor as the live model computes with it (see ``worker_patches.live_hashes``)."""
+        from deltaserve.server.worker_patches import live_hashes
+
+        return live_hashes(self.model_runner.model, self.model_runner.model_config.model)
