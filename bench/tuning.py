@@ -1,0 +1,275 @@
+"""Tuning benchmark: every method × every downstream task on the embedded default base.
+
+    .venv/bin/python bench/tuning.py            # or: make bench-tuning / deltaserve bench tuning
+
+For each downstream task of the world (``digits``, ``relations``) and each method (spider,
+magnitude, full, lora, bottleneck) it tunes one delta with the *same* budget and settings
+(:class:`deltaserve.tuning.tune.TuneConfig` defaults: 150 steps of batch 16, AdamW with warm-up
+and cosine decay; peak LR 1e-3 for the selective methods, 3e-3 for LoRA and adapters, chosen
+once and not tuned per method or task), then scores it:
+
+- **target** — exact match on the task's test split;
+- **general** — mean exact match on the general tasks' test splits (what the base knew);
+- **H** — their harmonic mean;
+- **delta params / density** — numbers the delta stores (and, for sparse deltas, the fraction
+  of the trainable scope that changed); **trainable** — parameters the optimizer updated;
+- **step time** — median wall time of one optimizer step, relative to ``full`` on the same task;
+- **peak memory** — peak tensor memory allocated during the first two steps (model weights
+  excluded: gradients, optimizer and method state, activations), relative to ``full``.
+
+Writes ``docs/tuning-results.{json,md,png}``. Every figure comes from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+METHODS = ("spider", "magnitude", "full", "lora", "bottleneck")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, default=None, help="base model directory (default: the pretrained embedded base, cached)")
+    p.add_argument("--tasks", default=None, help="comma-separated downstream tasks (default: all of the world's)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: TuneConfig's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-limit", type=int, default=None, help="test samples per task (default: all)")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "docs", help="where tuning-results.* go")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def base_scores(base_dir: Path, task_dirs: dict[str, Path], general, limit) -> dict:
+    """The untouched base on every downstream task and on the general tasks."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from deltaserve.tuning import data, evaluate
+    from deltaserve.tuning.tune import score
+
+    model = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(str(base_dir))
+    targets = {}
+    for task, task_dir in task_dirs.items():
+        test = data.load_task(task_dir, splits=("test",))["test"]
+        targets[task] = evaluate.evaluate(model, processor, test[:limit] if limit else test)["exact_match"]
+    general_metrics = score(model, processor, None, general, limit)
+    return {"target": {t: round(v, 4) for t, v in targets.items()}, **general_metrics}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from deltaserve.tuning.pretrain import PretrainConfig, pretrain
+    from deltaserve.tuning.tune import TuneConfig, default_general_dir, load_general, tune, world_task_dir
+    from deltaserve.tuning.world import DOWNSTREAM_TASKS
+
+    started = time.perf_counter()
+    tasks = tuple(args.tasks.split(",")) if args.tasks else DOWNSTREAM_TASKS
+    methods = tuple(args.methods.split(","))
+    if args.base is None:
+        pre = pretrain(PretrainConfig(), progress=not args.quiet)
+        base_dir, base_info = pre.path, {"path": str(pre.path), "cached": pre.cached, "general_score": pre.meta["general_score"], "pretrain": pre.meta.get("pretrain")}
+    else:
+        base_dir, base_info = args.base, {"path": str(args.base)}
+    config = TuneConfig(seed=args.seed, eval_limit=args.eval_limit, profile_memory_steps=2)
+    if args.steps is not None:
+        config = replace(config, steps=args.steps)
+    task_dirs = {t: world_task_dir(t) for t in tasks}
+    general_dir = default_general_dir()
+    general = load_general(general_dir)
+    report = {
+        "machine": machine(),
+        "base": base_info,
+        "config": {**asdict(config), "lr_by_method": {m: config.train_config(m).lr for m in methods}},
+        "base_scores": base_scores(base_dir, task_dirs, general, args.eval_limit),
+        "runs": [],
+    }
+    scratch = Path(tempfile.mkdtemp(prefix="deltaserve-bench-tuning-"))
+    try:
+        for task, task_dir in task_dirs.items():
+            for method in methods:
+                print(f"[bench] {task} × {method}", file=sys.stderr, flush=True)
+                result = tune(base_dir, task_dir, method, scratch / f"{task}-{method}", config, general_dir=general_dir, progress=not args.quiet)
+                report["runs"].append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "kind": json.loads((result.path / "delta.json").read_text())["kind"],
+                        "metrics": result.metrics,
+                        "stats": result.stats,
+                        "step_seconds": round(result.step_seconds, 4),
+                        "peak_memory_bytes": result.peak_memory_bytes,
+                        "seconds": result.seconds,
+                        "bundle_bytes": sum(p.stat().st_size for p in result.path.rglob("*") if p.is_file()),
+                        "loss_first": result.metrics.get("train_loss_first"),
+                        "loss_last": result.metrics.get("train_loss_last"),
+                    }
+                )
+                del result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for run_ in report["runs"]:
+        full = next((r for r in report["runs"] if r["task"] == run_["task"] and r["method"] == "full"), None)
+        if full:
+            run_["step_time_vs_full"] = round(run_["step_seconds"] / full["step_seconds"], 3)
+            run_["peak_memory_vs_full"] = round(run_["peak_memory_bytes"] / full["peak_memory_bytes"], 3) if run_["peak_memory_bytes"] else None
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt_params(n: int | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def table(report: dict) -> str:
+    rows = [
+        "| task | method | kind | target | general | H | delta params | density | trainable | step time vs full | peak mem vs full |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = report["base_scores"]
+    for task in dict.fromkeys(r["task"] for r in report["runs"]):
+        t0, g0 = base["target"][task], base["general"]
+        h0 = 0.0 if t0 + g0 == 0 else 2 * t0 * g0 / (t0 + g0)
+        rows.append(f"| {task} | *base* | – | {t0:.3f} | {g0:.3f} | {h0:.3f} | – | – | – | – | – |")
+        for r in (r for r in report["runs"] if r["task"] == task):
+            m, s = r["metrics"], r["stats"]
+            density = f"{s['density']:.3f}" if "density" in s else "–"
+            rows.append(
+                f"| {task} | {r['method']} | {r['kind']} | {m['target']:.3f} | {m['general']:.3f} | **{m['h']:.3f}** | "
+                f"{_fmt_params(s.get('delta_params'))} | {density} | {_fmt_params(s.get('trainable_params'))} | "
+                f"{r.get('step_time_vs_full', float('nan')):.2f}× ({r['step_seconds'] * 1000:.0f} ms) | "
+                f"{(r.get('peak_memory_vs_full') or float('nan')):.2f}× ({r['peak_memory_bytes'] / 2**20:.1f} MiB) |"
+            )
+    return "\n".join(rows)
+
+
+def observations(report: dict) -> list[str]:
+    """Plain comparisons read off the table (no claims beyond the numbers)."""
+    lines = []
+    base_general = report["base_scores"]["general"]
+    for task in dict.fromkeys(r["task"] for r in report["runs"]):
+        runs = {r["method"]: r["metrics"] for r in report["runs"] if r["task"] == task}
+        best = max(runs, key=lambda m: runs[m]["h"])
+        lines.append(
+            f"- `{task}`: highest H {runs[best]['h']:.3f} by **{best}**; general score kept (vs the base's {base_general:.3f}): "
+            + ", ".join(f"{m} {v['general']:.3f}" for m, v in runs.items())
+            + "; target: "
+            + ", ".join(f"{m} {v['target']:.3f}" for m, v in runs.items())
+            + "."
+        )
+    return lines
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    mach = report["machine"]
+    lrs = ", ".join(f"{m} {lr:g}" for m, lr in cfg["lr_by_method"].items())
+    return f"""# Tuning methods on the embedded base: specialization vs forgetting
+
+Generated by `bench/tuning.py` (`make bench-tuning`) in one run of {report['seconds'] / 60:.1f} min. Raw numbers:
+[tuning-results.json](tuning-results.json); plot: [tuning-results.png](tuning-results.png).
+
+![target vs general score per method](tuning-results.png)
+
+{table(report)}
+
+*base*: the untouched pretrained base (what the server answers with when no delta applies).
+target / general: exact match on the task's test split / mean exact match over the general tasks' test splits
+({', '.join(k.split('.', 1)[1] for k in report['base_scores'] if k.startswith('general.'))});
+H: their harmonic mean. delta params: numbers stored in the delta (sparse: changed coordinates; LoRA: A and B;
+bottleneck: adapter weights). density: changed / trainable coordinates of the scope (sparse deltas). trainable:
+parameters the optimizer updated. step time: median over the run's steps, relative to `full` on the same task
+(absolute in parentheses). peak mem: peak tensor memory allocated during the first two optimizer steps
+(gradients, optimizer and method state, activations; the frozen base weights excluded), relative to `full`.
+
+## What it shows
+
+{chr(10).join(observations(report))}
+
+## Setup (identical for every method)
+
+- base: `{report['base'].get('path')}` (general score at pretraining {report['base'].get('general_score', '–')});
+- scope: multimodal projector + the last {cfg['last_n_layers']} decoder layers, vision tower frozen
+  (LoRA and bottleneck can only attach to the decoder layers: vLLM serves LoRA on the language model only);
+- {cfg['steps']} optimizer steps of batch {cfg['batch_size']}, AdamW (betas 0.9/0.98, no weight decay), {cfg['warmup_steps']}
+  warm-up steps then cosine decay to {cfg['min_lr_ratio']}× the peak, gradient clipping at {cfg['grad_clip']}, seed {cfg['seed']};
+- peak learning rate, fixed per method family before the run and not tuned on these results: {lrs};
+- magnitude: the largest {cfg['options']['magnitude_ratio']:.0%} |w0| of each tensor frozen; LoRA: r={cfg['options']['lora_r']},
+  alpha={cfg['options']['lora_alpha']:g} on {', '.join(cfg['options']['lora_targets'])}; bottleneck: width {cfg['options']['bottleneck_dim']},
+  {cfg['options']['bottleneck_activation']}, after {', '.join(cfg['options']['bottleneck_targets'])}; SPIDER: no ratio (data-dependent density);
+- machine: {mach['cpu_count']} CPUs, torch {mach['torch']} with {mach['torch_threads']} intra-op thread(s), {mach['platform']};
+  load average {mach['load_average_at_start']} at the start, {mach['load_average_at_end']} at the end (the machine is shared:
+  absolute times are noisy, ratios within one task are measured minutes apart).
+"""
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in report["runs"]))
+    markers = {"spider": "*", "magnitude": "s", "full": "o", "lora": "^", "bottleneck": "D"}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
+    base = report["base_scores"]
+    for ax, task in zip(axes[0], tasks):
+        ax.scatter([base["target"][task]], [base["general"]], marker="x", s=80, color="black", label="base")
+        for r in (r for r in report["runs"] if r["task"] == task):
+            ax.scatter([r["metrics"]["target"]], [r["metrics"]["general"]], marker=markers.get(r["method"], "o"), s=90, label=r["method"])
+        ax.set_title(f"{task}")
+        ax.set_xlabel("target score (test exact match)")
+        ax.set_ylabel("general score (mean over general tasks)")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"Specialization vs forgetting, {report['config']['steps']} steps per method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "tuning-results.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out_dir / "tuning-results.png")
+    (args.out_dir / "tuning-results.md").write_text(markdown(report))
+    print(table(report))
+    print(f"wrote {args.out_dir}/tuning-results.{{md,png,json}} in {report['seconds']:.0f} s", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
