@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from deltaserve.client import cli_base, cli_data, cli_server
+from deltaserve.client import cli_base, cli_data, cli_demo, cli_server, cli_tune
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,6 +22,9 @@ main.add_command(cli_base.base)
 for _cmd in (cli_server.serve, cli_server.register, cli_server.unregister, cli_server.list_cmd, cli_server.generate, cli_server.metrics):
     main.add_command(_cmd)
 main.add_command(cli_data.data)
+main.add_command(cli_demo.demo)
+for _cmd in (cli_tune.tune, cli_tune.eval_cmd, cli_tune.bench):
+    main.add_command(_cmd)
 
 
 def command_table(group: click.Group = main, prefix: str = "") -> dict[str, str]:

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from helpers import image_prompt, make_lora_bundle, png_bytes
+from helpers import image_prompt, make_lora_bundle, make_sparse_bundle, png_bytes
 from server_process import ADMIN_TOKEN, ServerProcess
 
 QUESTION = "What colour is the circle?"
@@ -56,9 +56,10 @@ def test_kill_during_registration_then_restart(tiny_base, tmp_path, sample_image
 
     store = tmp_path / "store"
     image = png_bytes(sample_images[0])
-    bundles = {n: make_lora_bundle(tiny_base, tmp_path / n, name=n, seed=200 + i) for i, n in enumerate(("x", "y", "z"))}
+    bundles = {n: make_lora_bundle(tiny_base, tmp_path / n, name=n, seed=200 + i) for i, n in enumerate(("x", "z"))}
+    bundles["y"] = make_sparse_bundle(tiny_base, tmp_path / "y", "y", seed=201)  # an exclusive delta is restored too
 
-    # 1. x, y registered; z killed while stored but not yet indexed.
+    # 1. x (lora), y (sparse) registered; z (lora) killed while stored but not yet indexed.
     s1 = ServerProcess(tiny_base, store, env={"DELTASERVE_FAULT_PAUSE": "stored:120:z"})
     try:
         with DeltaClient(s1.grpc, admin_token=ADMIN_TOKEN) as client:
