@@ -109,3 +109,46 @@ def test_hot_swap_under_traffic(server, bundles, refs, sample_images):
     assert all(n >= 3 for n in per_task.values()), per_task
     admin.unregister("swap-a")
     admin.close()
+
+
+def test_base_rows_stay_base_when_every_lora_slot_is_full(server, tiny_base, hf_processor, sample_images, tmp_path):
+    """Base requests batched with LoRA requests while all ``max_loras`` adapter slots are
+    resident. vLLM's CPU LoRA ops gathered slot ``-1`` (the last one) for base rows; see
+    ``server/vllm_fixes.py``. Fails without that fix."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from deltaserve.client.sync import DeltaClient
+
+    slots = 4  # ServeConfig.max_loras default, the server fixture's setting
+    prompt, image = image_prompt(QUESTION), png_bytes(sample_images[1])
+    base = LlavaForConditionalGeneration.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    expected = {server.base_name: hf_greedy(base, hf_processor, prompt, sample_images[1], MAX_TOKENS)}
+    names = [f"slot-{i}" for i in range(slots)]
+    admin = DeltaClient(server.grpc, admin_token=ADMIN_TOKEN)
+    try:
+        for i, name in enumerate(names):
+            bundle = make_lora_bundle(tiny_base, tmp_path / name, name=name, seed=300 + i)
+            expected[name] = hf_greedy(peft_model(tiny_base, bundle), hf_processor, prompt, sample_images[1], MAX_TOKENS)
+            admin.register(bundle)
+        results: list[tuple[str, list[int]]] = []
+
+        def traffic(task: str) -> None:
+            with DeltaClient(server.grpc) as client:
+                for _ in range(6):
+                    results.append((task, list(client.generate(prompt, image=image, task=task, max_tokens=MAX_TOKENS, temperature=0).token_ids)))
+
+        threads = [threading.Thread(target=traffic, args=(task,)) for task in expected for _ in range(2 if task == server.base_name else 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        wrong = [(task, got) for task, got in results if got != expected[task]]
+        assert len(results) == 6 * (slots + 2) and not wrong, f"{len(wrong)} of {len(results)} wrong: {wrong[:3]}"
+    finally:
+        for name in names:
+            try:
+                admin.unregister(name)
+            except Exception:
+                pass
+        admin.close()

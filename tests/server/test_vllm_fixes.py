@@ -1,0 +1,68 @@
+"""The vLLM fixes deltaserve applies in every vLLM process (``server/vllm_fixes.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_registered_as_a_vllm_general_plugin():
+    from vllm.plugins import load_plugins_by_group
+
+    from deltaserve.server import vllm_fixes
+
+    assert load_plugins_by_group("vllm.general_plugins")["deltaserve_fixes"] is vllm_fixes.apply
+
+
+def test_cpu_lora_ops_in_vllm_are_the_fixed_ones():
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from deltaserve.server import vllm_fixes
+
+    vllm_fixes.apply()
+    vllm_fixes.apply()  # idempotent
+    for name, fixed in vllm_fixes.FIXED_OPS.items():
+        assert getattr(lora_ops, name) is fixed and getattr(punica_cpu, name) is fixed
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    slots, rank, hidden = 3, 4, 8
+    indices = torch.tensor([0, -1, 2, -1, 1])  # -1: a base row, no adapter
+    return {
+        "x": torch.randn(len(indices), hidden, generator=g),
+        "a": torch.randn(slots, 1, rank, hidden, generator=g),  # lora_a stacked: [slots, 1, rank, hidden]
+        "b": torch.randn(slots, 1, hidden, rank, generator=g),
+        "idx": indices,
+    }
+
+
+def test_shrink_and_expand_skip_base_rows(batch):
+    from deltaserve.server.vllm_fixes import bgmv_expand, bgmv_expand_slice, bgmv_shrink
+
+    x, a, b, idx = batch["x"], batch["a"], batch["b"], batch["idx"]
+    rows = idx >= 0
+    shrunk = torch.full((len(idx), a.shape[2]), 7.0)
+    bgmv_shrink(x, a, shrunk, idx, scaling=0.5)
+    for i, k in enumerate(idx.tolist()):
+        expected = 0.5 * (a[k, 0] @ x[i]) if k >= 0 else torch.zeros(a.shape[2])
+        torch.testing.assert_close(shrunk[i], expected, rtol=0, atol=1e-6)
+
+    base_out = torch.randn(len(idx), b.shape[2])
+    out = base_out.clone()
+    bgmv_expand(shrunk, b, out, idx, add_inputs=True)
+    assert torch.equal(out[~rows], base_out[~rows]), "a base row changed"
+    for i in torch.nonzero(rows).flatten().tolist():
+        torch.testing.assert_close(out[i], base_out[i] + b[idx[i], 0] @ shrunk[i], rtol=0, atol=1e-5)
+
+    out = base_out.clone()
+    bgmv_expand_slice(shrunk, b[:, :, :3], out, idx, 2, 3, add_inputs=True)
+    assert torch.equal(out[~rows], base_out[~rows]) and torch.equal(out[:, :2], base_out[:, :2])
+
+
+def test_unfixed_gather_would_alias_the_last_slot(batch):
+    """What the fix is for: indexing with -1 silently picks the last adapter slot."""
+    a, idx = batch["a"], batch["idx"]
+    assert torch.equal(a[idx][1], a[-1])
