@@ -4,9 +4,8 @@
 
 For each downstream task of the world (``digits``, ``relations``) and each method (spider,
 magnitude, full, lora, bottleneck) it tunes one delta with the *same* budget and settings
-(:class:`deltaserve.tuning.tune.TuneConfig` defaults: 150 steps of batch 16, AdamW with warm-up
-and cosine decay; peak LR 1e-3 for the selective methods, 3e-3 for LoRA and adapters, chosen
-once and not tuned per method or task), then scores it:
+(:class:`deltaserve.tuning.tune.TuneConfig` defaults: 500 steps of batch 16, AdamW with warm-up
+and cosine decay; peak LR 3e-3 for every method, chosen once and not tuned per method or task), then scores it:
 
 - **target** — exact match on the task's test split;
 - **general** — mean exact match on the general tasks' test splits (what the base knew);

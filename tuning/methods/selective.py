@@ -56,7 +56,7 @@ class SelectiveMethod(TuningMethod):
     """Shared prepare/export of the methods that train the scope's parameters in place."""
 
     kind = "sparse"
-    default_lr = 1e-3
+    default_lr = 3e-3
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, TrainHooks]:
         self._params = self.scope.parameters(model)
