@@ -64,7 +64,7 @@ async def _throughput(engine, requests: int, concurrency: int, max_tokens: int, 
     async def one(k: int) -> None:
         nonlocal tokens
         async with sem:
-            inp = GenerationInput(f"b{time.monotonic_ns()}-{k}", prompts[k % len(prompts)], Sampling(max_tokens=max_tokens, temperature=0.0), image=images[k % len(images)], cache_salt=salt)
+            inp = GenerationInput(f"b{time.monotonic_ns()}-{k}", prompts[k % len(prompts)], Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), image=images[k % len(images)], cache_salt=salt)
             async for chunk in engine.generate(inp):
                 tokens += len(chunk.token_ids)
 
@@ -81,7 +81,7 @@ async def _decode_step_s(engine, images, max_tokens: int = 64) -> float:
 
     ids = engine.tokenizer(PROMPT_FORMAT.format(image="<image>\n", question=PROMPTS[0])).input_ids
     stamps = []
-    async for chunk in engine.generate(GenerationInput(f"d{time.monotonic_ns()}", ids, Sampling(max_tokens=max_tokens, temperature=0.0), image=images[0])):
+    async for chunk in engine.generate(GenerationInput(f"d{time.monotonic_ns()}", ids, Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), image=images[0])):
         stamps += [time.perf_counter()] * len(chunk.token_ids)
     gaps = [b - a for a, b in zip(stamps[1:], stamps[2:]) if b > a]
     return statistics.median(gaps)

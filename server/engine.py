@@ -32,6 +32,8 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    """Generate ``max_tokens`` even past end-of-sequence (benchmarks: fixed-length outputs)."""
 
 
 @dataclass
@@ -121,6 +123,7 @@ class Engine:
             top_k=inp.sampling.top_k,
             seed=inp.sampling.seed,
             stop=inp.sampling.stop or None,
+            ignore_eos=inp.sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
         prompt: dict[str, Any] = {"prompt_token_ids": inp.prompt_token_ids}
