@@ -24,40 +24,19 @@ import argparse
 import asyncio
 import gc
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _pick_base(work: Path) -> tuple[Path, str]:
-    from deltaserve.tuning.base.factory import build_base
-    from deltaserve.tuning.pretrain import cached_base
-
-    pretrained = cached_base()
-    if pretrained is not None:
-        return pretrained, "pretrained (cached)"
-    return build_base(work / "base", seed=0), "random init (no pretrained base cached)"
-
-
-def _images(n: int):
-    import numpy as np
-    from PIL import Image
-
-    return [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(n)]
-
-
-PROMPTS = ["What colour is the circle?", "How many shapes are there?", "Describe the image.", "Where is the square?"]
+import _common  # bench/_common.py (the script's directory is on sys.path)
 
 
 async def _throughput(engine, requests: int, concurrency: int, max_tokens: int, images, salt: str | None = None) -> dict:
     from deltaserve.server.engine import GenerationInput, Sampling
-    from deltaserve.tuning.base.tokenizer import PROMPT_FORMAT
 
-    prompts = [engine.tokenizer(PROMPT_FORMAT.format(image="<image>\n", question=q)).input_ids for q in PROMPTS]
+    prompts = [engine.tokenizer(_common.prompt_text(q)).input_ids for q in _common.PROMPTS]
     sem = asyncio.Semaphore(concurrency)
     tokens = 0
 
@@ -77,9 +56,8 @@ async def _throughput(engine, requests: int, concurrency: int, max_tokens: int, 
 async def _decode_step_s(engine, images, max_tokens: int = 64) -> float:
     """Per-token time of one stream (median gap between consecutive tokens)."""
     from deltaserve.server.engine import GenerationInput, Sampling
-    from deltaserve.tuning.base.tokenizer import PROMPT_FORMAT
 
-    ids = engine.tokenizer(PROMPT_FORMAT.format(image="<image>\n", question=PROMPTS[0])).input_ids
+    ids = engine.tokenizer(_common.prompt_text(_common.PROMPTS[0])).input_ids
     stamps = []
     async for chunk in engine.generate(GenerationInput(f"d{time.monotonic_ns()}", ids, Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), image=images[0])):
         stamps += [time.perf_counter()] * len(chunk.token_ids)
@@ -170,9 +148,9 @@ async def main_async(args) -> dict:
     from deltaserve.tuning.synthetic import make_sparse_bundle
 
     work = Path(tempfile.mkdtemp(prefix="ds-bench-excl-"))
-    base, base_kind = _pick_base(work)
+    base, base_kind = _common.pick_base(work)
     sparse = make_sparse_bundle(base, work / "sparse", "bench-sparse", seed=1)
-    images = _images(8)
+    images = [_common.image(i) for i in range(8)]
     engines = {}
     for lora in (False, True):
         for exclusive in (True, False, False, True):
@@ -186,13 +164,10 @@ async def main_async(args) -> dict:
         tax[path] = {"with": with_, "without": without, "ratio": with_ / without}
     switch_runs = [r for r in engines[(False, True)] if "switch_worker_ms" in r]
     switch = {k: statistics.median(r[k] for r in switch_runs) for k in ("switch_worker_ms", "switch_round_trip_ms", "decode_step_ms", "sparse_state_tokens_per_s")}
-    cpu = subprocess.run(["bash", "-c", "lscpu | sed -n 's/^Model name:\\s*//p'"], capture_output=True, text=True).stdout.strip()
-    import torch
-    import vllm
-
+    facts = _common.machine_facts()
     return {
         "command": "python bench/exclusive.py " + " ".join(sys.argv[1:]),
-        "machine": f"{cpu or platform.processor()}, {__import__('os').cpu_count()} cores, torch {torch.__version__}, vllm {vllm.__version__}",
+        "machine": f"{facts['cpu_model']}, {facts['nproc']} cores, torch {facts['torch']}, vllm {facts['vllm']}",
         "base": f"{base_kind}",
         "workload": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens, "repeats": args.repeats},
         "tax": tax,

@@ -20,6 +20,7 @@ upstream: vllm-project/vllm PR #48421 and #49656, both open at the time of writi
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -81,8 +82,7 @@ def fix_cpu_lora_ops() -> bool:
     if getattr(lora_ops, _MARK, False):
         return False
     for name in FIXED_OPS:
-        source = getattr(lora_ops, name)
-        if "lora_indices_tensor]" not in _source(source):
+        if "lora_b_weights[lora_indices_tensor]" not in inspect.getsource(getattr(lora_ops, name)):  # the aliasing gather
             raise RuntimeError(f"vllm {name} changed since deltaserve's CPU LoRA fix was written: re-check server/vllm_fixes.py")
     for module in (lora_ops, torch_ops, punica_cpu):  # sgmv_* call the lora_ops globals
         for name, fixed in FIXED_OPS.items():
@@ -90,15 +90,6 @@ def fix_cpu_lora_ops() -> bool:
                 setattr(module, name, fixed)
     setattr(lora_ops, _MARK, True)
     return True
-
-
-def _source(func) -> str:
-    import inspect
-
-    try:
-        return inspect.getsource(func)
-    except (OSError, TypeError):
-        return "lora_indices_tensor]"  # no source shipped: trust the version check of the caller
 
 
 def apply() -> None:
