@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import _common
+from deltaserve.client.process import ServerProcess
 
 MiB = 1024 * 1024
 KV_CACHE_BYTES = 256 * MiB
@@ -243,7 +244,7 @@ async def server_paths(base: Path, bundles: dict[str, Path], work: Path, round_n
     for attempt in (1, 2):  # one retry: on a shared machine a start-up can be killed from outside
         started = time.perf_counter()
         try:
-            server = await asyncio.to_thread(_common.Server, base, work / f"store-{round_no}-{attempt}", *server_flags(), env=CLEAN_ENV)
+            server = await asyncio.to_thread(ServerProcess, base, work / f"store-{round_no}-{attempt}", *server_flags(), base_env=CLEAN_ENV)
             break
         except RuntimeError as exc:
             if attempt == 2:

@@ -8,6 +8,7 @@ own process group so that a kill also takes vLLM's engine and worker processes.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -18,14 +19,28 @@ from pathlib import Path
 
 READY = re.compile(r"deltaserve: ready grpc=(\S+) http=(\S+) base=(\S+)")
 START_TIMEOUT_S = 600
+ENGINE_GONE_S = 30
+"""A start-up whose engine processes stay gone this long has failed (killed from outside)."""
 
 
 class ServerProcess:
     """``deltaserve serve`` as a child process; stdout/stderr go to ``<store>.log``."""
 
-    def __init__(self, base: Path, store: Path, *extra: str, admin_token: str | None = None, env: dict | None = None, log_path: Path | None = None):
-        """``extra``: more ``deltaserve serve`` flags. Blocks until the server is ready; raises
-        RuntimeError with the log's tail when it exits or does not get ready in time."""
+    def __init__(
+        self,
+        base: Path,
+        store: Path,
+        *extra: str,
+        admin_token: str | None = None,
+        env: dict | None = None,
+        base_env: dict | None = None,
+        log_path: Path | None = None,
+        timeout_s: float = START_TIMEOUT_S,
+    ):
+        """``extra``: more ``deltaserve serve`` flags; ``env``: variables added to ``base_env``
+        (default: this process's environment). Blocks until the server is ready; raises
+        RuntimeError with the log's tail when it exits, stays silent past ``timeout_s``, or its
+        engine processes vanish during start-up."""
         self.base, self.store = Path(base), Path(store)
         self.log_path = Path(log_path) if log_path else self.store.with_suffix(".log")
         args = [
@@ -37,29 +52,71 @@ class ServerProcess:
         self._log = open(self.log_path, "ab")
         # Own process group: a SIGKILL of the group also takes vLLM's engine and worker processes.
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self._log, env={**os.environ, **(env or {})}, start_new_session=True
+            args, stdout=subprocess.PIPE, stderr=self._log, env={**(os.environ if base_env is None else base_env), **(env or {})}, start_new_session=True
         )
         self.grpc = self.http = self.base_name = None
         self._lines: list[str] = []
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode()
-            if not line:
-                break
-            self._lines.append(line)
-            if m := READY.search(line):
-                self.grpc, self.http, self.base_name = m.groups()
-                break
-        if self.grpc is None:
-            self.proc.kill()
-            raise RuntimeError(f"server did not start (exit {self.proc.poll()}); log: {self.log_path}\n{self.tail()}")
-        # keep draining stdout so the child never blocks on a full pipe
+        self._new_lines: queue.Queue = queue.Queue()
+        # Drain stdout from the start, so the child never blocks on a full pipe and the wait below can time out.
         self._reader = threading.Thread(target=self._drain_stdout, daemon=True)
         self._reader.start()
+        self._wait_ready(timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        seen_engine, gone_since = False, None
+        while True:
+            try:
+                line = self._new_lines.get(timeout=2.0)
+            except queue.Empty:
+                line = ""
+            if line is None or self.proc.poll() is not None:
+                self._fail(f"exited with {self.proc.poll()}")
+            if m := READY.search(line):
+                self.grpc, self.http, self.base_name = m.groups()
+                return
+            # Child processes come and go early on (vLLM's model-registry inspection subprocess runs
+            # before the engine core starts), so only a lasting absence counts.
+            engines = self._engine_processes()
+            seen_engine = seen_engine or engines > 0
+            gone_since = (gone_since or time.monotonic()) if seen_engine and engines == 0 else None
+            if gone_since is not None and time.monotonic() - gone_since > ENGINE_GONE_S:
+                self._fail(f"lost its engine processes during start-up (none for {ENGINE_GONE_S} s)")
+            if time.monotonic() > deadline:
+                self._fail(f"was not ready after {timeout_s:.0f} s")
+
+    def _engine_processes(self) -> int:
+        import psutil  # a vLLM dependency
+
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0
+        count = 0
+        for child in children:
+            try:
+                count += "resource_tracker" not in " ".join(child.cmdline())
+            except psutil.Error:
+                pass
+        return count
+
+    def _fail(self, why: str) -> None:
+        self._reap_children()
+        self.proc.wait(60)
+        self._log.close()
+        raise RuntimeError(f"server did not start: it {why}; log: {self.log_path}\n{self.tail()}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def _drain_stdout(self) -> None:
         for raw in self.proc.stdout:
-            self._lines.append(raw.decode())
+            line = raw.decode(errors="replace")
+            self._lines.append(line)
+            if self.grpc is None:  # only the start-up wait reads the queue
+                self._new_lines.put(line)
+        self._new_lines.put(None)
 
     @property
     def stdout(self) -> str:
