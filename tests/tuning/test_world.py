@@ -81,3 +81,22 @@ def test_samples_are_well_formed(small_world):
     assert set(line) == {"id", "prompt", "target", "image"} and line["image"].startswith("images/")
     assert relation("top left", "bottom right") == "above left"
     assert relation("top right", "top left") == "right"
+
+
+@pytest.mark.parametrize("module", ["digits", "relations", "general", "text"])
+def test_phrasings_are_many_and_split_by_phrasing(module):
+    import importlib
+
+    from deltaserve.tuning.world.spec import phrasings_of
+
+    mod = importlib.import_module(f"deltaserve.tuning.world.{module}")
+    for name, phrasings in ((n, getattr(mod, n)) for n in dir(mod) if n.endswith("PROMPTS")):
+        assert len(phrasings) >= 16 and len(set(phrasings)) == len(phrasings), name
+        splits = {split: set(phrasings_of(name, phrasings, split, 0)) for split in SPLITS}
+        assert set().union(*splits.values()) == set(phrasings), name
+        assert all(splits[s] for s in SPLITS) and not (splits["train"] & (splits["val"] | splits["test"])) and not splits["val"] & splits["test"], name
+
+
+def test_test_prompts_are_worded_unlike_any_training_prompt(small_world):
+    digits = load_task(small_world / "digits")
+    assert not {s.prompt for s in digits["test"]} & {s.prompt for s in digits["train"]}

@@ -8,8 +8,10 @@ Deterministic: the same :class:`WorldConfig` writes byte-identical files.
 - downstream tasks the base never sees: ``digits`` (scikit-learn's real handwritten
   digits) and ``relations`` (a new skill over the synthetic scenes).
 
-Every downstream task has its own prompt phrasing (a few templates each), distinct
-from the general prompts, so a router can tell the tasks apart.
+Every task is asked in about two dozen phrasings (short and long, a few in other
+languages), and the splits are disjoint by phrasing as well as by content: validation
+and test prompts are worded in ways no training sample is (:func:`.spec.phrasings_of`),
+so both the experts and the router are measured on wordings they never saw.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from deltaserve.tuning.world import digits, general, relations, render, scene_ta
 from deltaserve.tuning.world.spec import SPLITS, TaskSpec
 from deltaserve.tuning.world.writer import write_task
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 """Bump whenever generated content changes: it is part of every cache key built on the world."""
 
 TASKS: tuple[TaskSpec, ...] = (*general.TASKS, *text.TASKS, digits.TASK, relations.TASK)

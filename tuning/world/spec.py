@@ -18,6 +18,8 @@ from PIL import Image
 SPLITS = ("train", "val", "test")
 VAL_FRACTION = 0.1
 TEST_FRACTION = 0.1
+HELD_OUT_PHRASING_FRACTION = 0.2
+"""Share of a task's phrasings reserved for ``val`` and, as much again, for ``test``."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,27 @@ def split_of(key: str, seed: int) -> str:
     if u < TEST_FRACTION:
         return "test"
     return "val" if u < TEST_FRACTION + VAL_FRACTION else "train"
+
+
+def phrasings_of(task: str, phrasings: tuple[str, ...], split: str, seed: int) -> tuple[str, ...]:
+    """The phrasings ``split`` may use: splits are disjoint by *phrasing* as well as by content.
+
+    A seeded shuffle puts ``HELD_OUT_PHRASING_FRACTION`` of the phrasings (at least one) in
+    ``test``, as many in ``val`` and the rest in ``train``: test prompts are worded in ways
+    neither the tuned experts nor the router ever saw.
+    """
+    order = list(phrasings)
+    random.Random(f"deltaserve-phrasings\0{task}\0{seed}").shuffle(order)
+    k = max(1, round(len(order) * HELD_OUT_PHRASING_FRACTION))
+    chosen = {"test": order[:k], "val": order[k : 2 * k], "train": order[2 * k :]}[split]
+    return tuple(chosen)
+
+
+def fill(template: str, **slots: str) -> str:
+    """``template.format`` with every slot also offered capitalised under its capitalised name
+    (``{A}`` for ``a``, ``{Ref}`` for ``ref``): for a slot at the start of a sentence."""
+    upper = {k[:1].upper() + k[1:]: v[:1].upper() + v[1:] for k, v in slots.items()}
+    return template.format(**slots, **upper)
 
 
 def rng_for(task: str, split: str, seed: int) -> random.Random:
