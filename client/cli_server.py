@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from deltaserve.client.common import DEFAULT_SERVER, DeltaClientError
+from deltaserve.client.common import DEFAULT_SERVER, DeltaClientError, Routing
 from deltaserve.plugins import env
 
 _server_option = click.option(
@@ -153,8 +153,7 @@ def generate(prompt: str, server: str, task: str, image: Path | None, max_tokens
         try:
             for chunk in client.generate_stream(prompt, image=image, task=task, max_tokens=max_tokens, temperature=temperature, chat=not raw):
                 if chunk.HasField("routing"):
-                    r = chunk.routing
-                    click.echo(f"[{r.expert} via {r.router}, score {r.score:.2f}: {r.reason}]", err=True)
+                    click.echo(Routing.from_pb(chunk.routing).describe(), err=True)
                 click.echo(chunk.text, nl=False)
                 sys.stdout.flush()
                 if chunk.finish_reason:
@@ -162,6 +161,24 @@ def generate(prompt: str, server: str, task: str, image: Path | None, max_tokens
                     click.echo(f"[finish: {chunk.finish_reason}, {chunk.usage.completion_tokens} tokens]", err=True)
         except DeltaClientError as exc:
             _fail(exc)
+
+
+@click.command()
+@click.argument("prompt")
+@_server_option
+@click.option("--task", default="auto", show_default=True, help="Task name, the base model's name, or auto.")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def route(prompt: str, server: str, task: str, image: Path | None, as_json: bool) -> None:
+    """Show where a running server would route a prompt (and an image), and why, without generating."""
+    from deltaserve.client.sync import DeltaClient
+
+    with DeltaClient(server) as client:
+        try:
+            decision = client.route(prompt, image=image, task=task, chat=True)
+        except DeltaClientError as exc:
+            _fail(exc)
+    click.echo(json.dumps(decision.__dict__, indent=2) if as_json else decision.describe())
 
 
 @click.command()

@@ -35,10 +35,16 @@ class Routing:
     router: str
     score: float
     reason: str
+    scores: dict[str, float]
+    """The router's score of every candidate (empty for explicit routing)."""
 
     @classmethod
     def from_pb(cls, r: pb.Routing) -> Routing:
-        return cls(r.expert, r.router, r.score, r.reason)
+        return cls(r.expert, r.router, r.score, r.reason, dict(r.scores))
+
+    def describe(self) -> str:
+        scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.scores.items(), key=lambda kv: -kv[1]))
+        return f"[{self.expert} via {self.router}, score {self.score:.2f}: {self.reason}]" + (f"\n[scores: {scores}]" if scores else "")
 
 
 @dataclass

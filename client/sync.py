@@ -16,6 +16,7 @@ from deltaserve.client.common import (
     CHANNEL_OPTIONS,
     DEFAULT_SERVER,
     Generation,
+    Routing,
     bundle_files,
     client_error,
     generate_request,
@@ -44,6 +45,13 @@ class DeltaClient:
         """Chunks as they are generated; the first carries ``routing``, the last ``finish_reason`` and ``usage``."""
         try:
             yield from self.inference.GenerateStream(generate_request(prompt, **kwargs), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise client_error(exc) from None
+
+    def route(self, prompt: str, **kwargs) -> Routing:
+        """The routing decision for a request, without generating (keyword arguments as ``generate``)."""
+        try:
+            return Routing.from_pb(self.inference.Route(generate_request(prompt, **kwargs), timeout=self.timeout))
         except grpc.RpcError as exc:
             raise client_error(exc) from None
 

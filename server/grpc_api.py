@@ -7,7 +7,6 @@ servicers only translate messages.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import grpc
@@ -62,7 +61,7 @@ def _inference_request(msg: pb.GenerateRequest) -> InferenceRequest:
 
 def _routing(routed: Routed) -> pb.Routing:
     d = routed.decision
-    return pb.Routing(expert=routed.expert, router=d.router, score=d.score, reason=d.reason)
+    return pb.Routing(expert=routed.expert, router=d.router, score=d.score, reason=d.reason, scores=d.scores)
 
 
 def delta_info(delta: LiveDelta) -> pb.DeltaInfo:
@@ -103,6 +102,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             routing=_routing(routed),
             usage=pb.Usage(prompt_tokens=routed.prompt_tokens, completion_tokens=completion),
         )
+
+    async def Route(self, request, context):
+        return _routing(await self.service.route(_inference_request(request)))
 
     async def GenerateStream(self, request, context):
         routed, completion = None, 0

@@ -153,7 +153,7 @@ def _chat_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
 
 def _routing_json(routed: Routed) -> dict:
     d = routed.decision
-    return {"expert": routed.expert, "router": d.router, "score": d.score, "reason": d.reason}
+    return {"expert": routed.expert, "router": d.router, "score": d.score, "reason": d.reason, "scores": d.scores}
 
 
 def _usage(routed: Routed, completion: int) -> dict:

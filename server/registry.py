@@ -118,8 +118,13 @@ def _copy_synced(src: Path, dst: Path, max_bytes: int) -> None:
 class DeltaRegistry:
     """Registered deltas: persisted in ``store``, bound to ``engine``."""
 
-    def __init__(self, store: Path, base_dir: Path, engine, *, max_bundle_bytes: int, limits: Limits = Limits(), exclusive=None):
+    def __init__(self, store: Path, base_dir: Path, engine, *, max_bundle_bytes: int, limits: Limits = Limits(), exclusive=None, before_publish=None):
         self.store = Path(store)
+        self.before_publish = before_publish
+        """``async (deltas) -> commit``: called with the next set of live deltas while it is not yet
+        visible; its slow work (e.g. retraining the router) happens there, and the returned
+        synchronous ``commit()`` runs right before the set is published, with no await between —
+        so no request ever sees a delta the router does not know, or the reverse."""
         self.exclusive = exclusive
         """:class:`~deltaserve.server.exclusive.ExclusiveStates`, or None without exclusive deltas."""
         self.base = BaseSpec.from_dir(base_dir)
@@ -303,12 +308,14 @@ class DeltaRegistry:
         live = dict(self._live)
         live[name] = delta
         try:
+            commit = await self._prepare_publish(live)
             await asyncio.to_thread(self._write_index, live)
         except BaseException:
             await delta.binding.unbind(self.engine)
             shutil.rmtree(target, ignore_errors=True)
             raise
         await _fault_point("indexed", name)
+        commit()
         self._live = live
         if current is not None:
             self._retire(current)
@@ -344,7 +351,9 @@ class DeltaRegistry:
                 delta = self.get(name)
                 live = dict(self._live)
                 del live[name]
+                commit = await self._prepare_publish(live)
                 await asyncio.to_thread(self._write_index, live)
+                commit()
                 self._live = live
                 self._update_gauges()
             await self._detach(delta)
@@ -352,6 +361,11 @@ class DeltaRegistry:
         except Exception:
             metrics.REGISTRY_OPS.labels("unregister", "error").inc()
             raise
+
+    async def _prepare_publish(self, live: dict[str, LiveDelta]):
+        if self.before_publish is None:
+            return lambda: None
+        return await self.before_publish([live[n] for n in sorted(live)])
 
     def _retire(self, delta: LiveDelta) -> None:
         task = asyncio.create_task(self._detach(delta))

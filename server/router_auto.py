@@ -1,218 +1,186 @@
-"""The ``auto`` router: which registered task's examples a request resembles, in the base model's own representations.
+"""The ``auto`` router: a classifier over what a request *means*, retrained whenever the task set changes.
 
 Each registered task brings example prompts (text, optionally an image) in its bundle
-manifest — a handful of its training prompts. A request goes to the task whose
-examples it matches, or to the untouched base model when no task matches well
-enough: the open-world fallback (anything unlike every task meets the general model).
+manifest. ``update`` trains one small classifier for the current task set:
 
-Representations, and why no second model: a separate embedding model would add
-memory, a second set of weights to ship (no model hub here) and a vocabulary that
-differs from the base's. The base already provides two representations:
+- **classes** — every registered task with examples, plus ``base`` (open world), whose
+  examples are a built-in corpus of general-assistant prompts (``server/data/open_world.txt``),
+  the base model's own general tasks when its directory lists them
+  (``deltaserve-open-world.json``, written by ``deltaserve base pretrain``) and any file
+  given with ``--router-opt open_world=PATH`` (one prompt per line). Each task is thus
+  learnt against the other tasks *and* against the open world: the open-world decision is
+  calibrated per task set instead of one global similarity threshold.
+- **features** of a prompt — character 2–4-gram TF-IDF (robust to typos and to word stems
+  shared across languages) and word 1–2-gram TF-IDF (connectors such as "relative to"),
+  both fitted on the training prompts, weighted by ``char_weight`` / ``word_weight``; and
+  optionally a sentence embedding (:mod:`.text_embedders`: ``embedder=wordllama``, or a
+  sentence-transformers directory of the user's). On the validation split the embedding
+  added nothing measurable (``docs/routing-results.md``), so the default is ``none``.
+- **model** — multinomial logistic regression (scikit-learn), classes balanced.
 
-- **text** — the base's tokenizer. A prompt (lower-cased, with a leading space so that
-  every word takes its in-sentence token form) becomes the set of its token unigrams
-  and bigrams, weighted by IDF over all registered examples. Costs microseconds, no
-  forward pass.
-- **image** — the base's own vision tower (the CLIP encoder LLaVA feeds its
-  projector), mean-pooled over patches at ``vision_feature_layer``.
+Images, from the base's own vision tower (:mod:`.vision_features`), centred by the mean of
+all labelled example images (the tasks' and the base's general tasks'):
 
-Text score (``text=coverage``, the default). Task prompts are instructions built from
-a few phrasings with slots (``"Where is the {a} relative to the {b}?"``). Plain
-nearest-example cosine (this router's first version) confuses a *fragment* of a phrasing
-with the phrasing itself: ``"Where is the red square?"`` (the base's open-world
-``position`` task) shares most of its n-grams with ``"Where is the red square relative
-to the blue circle?"`` (``relations``) and scored higher than many true ``relations``
-prompts with other slot words — on the validation split 36 % of ``position`` prompts
-went to ``relations``, and no threshold separated the two. The coverage score asks two
-questions instead:
+- **gate** — a task whose examples come with images is only a candidate for a request
+  with an image *like its examples' images*: as close to one of them as the task's
+  examples are to each other (the lowest leave-one-out nearest-example cosine, minus
+  ``gate_slack``). A digits expert never receives a scene, nor a request without an image.
+- **evidence** — the classes of the request image's 8 nearest example images give
+  ``P(class | image) / P(class)``, combined with the words' probabilities as naive Bayes:
+  ``P(c | words, image) ∝ P(c | words) · ratio(c)^image_weight``. "What's the number?"
+  is ambiguous in words (counting, arithmetic); with a handwritten digit it is not.
 
-- *precision* ``P`` — how much of the request's wording (IDF mass of its terms) occurs
-  anywhere in the task's examples. Unfamiliar words (free text) pull it down;
-- *recall* ``R`` — how much of the nearest example's **phrasing** the request contains.
-  An example's term counts (IDF-weighted) in proportion to its *support*: the share of the
-  example's ``support_k`` most similar sibling examples (set cosine, no IDF, so that rare
-  slot words do not decide who is alike) that contain it too. Terms of the phrasing are
-  shared by the siblings (support ≈ 1), slot fillers are not, so a request with other slot
-  words still covers the phrasing, while a fragment of it does not.
+Decision: the candidate task with the highest combined probability wins if it reaches
+``threshold``; otherwise the base model. The decision carries every class's
+probability and the gate's verdict (``RouteDecision.scores`` / ``reason``).
 
-``text score = F2(P, R)`` (the F-score that counts recall twice): containing one of the
-task's phrasings matters most; extra unfamiliar words lower the score but do not veto it
-(``"Translate to pirate speak: where is the treasure"`` still reaches a task whose
-examples are ``"Translate to pirate speak: …"``). ``text=cosine`` is the plain
-nearest-example TF-IDF cosine, for tasks whose examples are free-form text rather than
-phrasings with slots (choose its threshold separately).
-
-Image score (only when ``image_weight > 0``): cosine of the request's image to the task's
-nearest example image, on features centred by the mean of all registered example images
-(raw features of the small CLIP tower are all alike — cosine ≈ 0.95 between any two of
-the world's images with the random-init tower —; centring keeps what tells the image
-distributions apart). Used only when both
-the request and the task have images.
-
-Score of a task = ``(1 - image_weight)·text + image_weight·image`` (text alone when
-either side has no image). The best task wins if its score reaches ``threshold`` and
-beats the runner-up by ``margin``; else the base.
-
-Defaults — chosen on the **validation** split of the tuning world, never the test split
-(``bench/routing.py``, :func:`deltaserve.server.routing_eval.choose_options`; results in
-``docs/routing-results.md``), over five draws of 16–32 examples per task:
-
-- ``threshold=0.73`` — with the text score alone every threshold in 0.69–0.77 routes all
-  validation prompts right in every draw (downstream prompts score ≥ 0.77, the general
-  tasks' ≤ 0.68, free text ≤ 0.25); 0.73 is the middle of that interval;
-- ``image_weight=0.0`` — the text score alone separates every class; weighting the image
-  only narrows the interval (0.1: 0.71–0.77, 0.2: 0.74–0.75, 0.3 and up: below 100 %),
-  because ``relations`` asks about the same rendered scenes as the open-world tasks. At 0
-  no image is encoded per request (and the decision does not depend on which base,
-  random-init or pretrained, the tower comes from: the tokenizer is the same);
-- ``margin=0.0`` — the two downstream tasks never compete (a task scores ≤ 0.16 on the
-  other's prompts); ``support_k=5`` — about the number of examples per phrasing in 16–32
-  examples of three phrasings; the smallest gap between downstream and open-world scores
-  over the draws was 0.09 with 5 siblings, 0.06 with 8 and 0.01 with 3.
-
-Options (``--router-opt key=value``): ``threshold``, ``image_weight``, ``margin``,
-``text`` (``coverage`` | ``cosine``), ``support_k``; unknown keys are refused.
+Options (``--router-opt key=value``; unknown keys are refused): ``embedder``
+(``wordllama`` | ``none`` | a directory), ``threshold``, ``C`` (inverse regularisation),
+``char_weight``, ``word_weight``, ``image_weight``, ``image_gate`` (``on`` | ``off``),
+``gate_slack``, ``open_world`` (a file).
+The defaults were chosen on the tuning world's *validation* phrasings
+(``bench/routing.py``; figures and the candidates compared in ``docs/routing-results.md``).
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections import Counter
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deltaserve.server.routing import RouteDecision, RouteQuery, Router, TaskCard
+from deltaserve.server.text_embedders import load_text_embedder
+from deltaserve.server.vision_features import VisionEncoder, unit
 
-_SPACE = re.compile(r"\s+")
-Term = tuple[int, ...]
+BASE = "base"
+"""The open-world class."""
+BUILTIN_OPEN_WORLD = Path(__file__).parent / "data" / "open_world.txt"
+BASE_OPEN_WORLD_FILE = "deltaserve-open-world.json"
+"""In a base model directory: ``{"examples": [prompt, ...]}`` — the base's own general tasks."""
 
-DEFAULTS = {"threshold": 0.73, "image_weight": 0.0, "margin": 0.0, "text": "coverage", "support_k": 5}
-TEXT_MODES = ("coverage", "cosine")
-
-
-class TextVectorizer:
-    """Token unigrams and bigrams of the base tokenizer, IDF fitted on the registered examples."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.idf: dict[Term, float] = {}
-        self.unseen_idf = 1.0
-
-    def terms(self, text: str) -> Counter:
-        # Leading space: a word at the start tokenizes like the same word mid-sentence (" where", not "Wh"+"ere").
-        ids = self.tokenizer(" " + _SPACE.sub(" ", text.lower()).strip(), add_special_tokens=False).input_ids
-        grams = [(i,) for i in ids] + [tuple(ids[k : k + 2]) for k in range(len(ids) - 1)]
-        return Counter(grams)
-
-    def fit(self, documents: list[str]) -> None:
-        df: Counter = Counter()
-        for doc in documents:
-            df.update(set(self.terms(doc)))
-        n = len(documents)
-        self.idf = {t: math.log((1 + n) / (1 + c)) + 1.0 for t, c in df.items()}
-        self.unseen_idf = math.log(1 + n) + 1.0  # as rare as possible: unfamiliar words weigh most
-
-    def weight(self, term: Term) -> float:
-        return self.idf.get(term, self.unseen_idf)
-
-    def vector(self, text: str) -> dict[Term, float]:
-        """Unit TF-IDF vector (``text=cosine``)."""
-        tf = self.terms(text)
-        vec = {t: (1.0 + math.log(c)) * self.weight(t) for t, c in tf.items()}
-        norm = math.sqrt(sum(v * v for v in vec.values())) or 1.0
-        return {t: v / norm for t, v in vec.items()}
+DEFAULTS: dict[str, str] = {
+    # Chosen on the tuning world's validation split (held-out phrasings) by bench/routing.py's
+    # grid: best min(task recall, open-world precision), ties to the earlier grid point.
+    "embedder": "none",
+    "C": "10",
+    "char_weight": "0.5",
+    "word_weight": "0.5",
+    "image_weight": "1.0",
+    "threshold": "0.7",
+    # Not searched.
+    "image_gate": "on",
+    "gate_slack": "0.1",
+    "open_world": "",
+}
 
 
-def _f_beta(precision: float, recall: float, beta: float = 2.0) -> float:
-    """F-score counting recall ``beta`` times as much as precision (F2)."""
-    if precision <= 0 or recall <= 0:
-        return 0.0
-    return (1 + beta**2) * precision * recall / (beta**2 * precision + recall)
+def read_open_world(base_dir: str | Path | None, extra: str = "") -> list[tuple[str, Any]]:
+    """The ``base`` class's examples as (text, image or None): built-in corpus, the base's own general tasks, the user's file.
+
+    ``extra`` is a text file (one prompt per line) or a JSON file in the format of the base's
+    ``deltaserve-open-world.json``: ``{"examples": [{"text": ..., "image": "relative/path.png" | null}, ...]}``.
+    """
+    def lines(path: Path) -> list[tuple[str, Any]]:
+        rows = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+        return [(row, None) for row in rows if row and not row.startswith("#")]
+
+    examples = lines(BUILTIN_OPEN_WORLD)
+    if extra:
+        examples += _read_examples_json(Path(extra)) if extra.endswith(".json") else lines(Path(extra))
+    if base_dir is not None and (Path(base_dir) / BASE_OPEN_WORLD_FILE).is_file():
+        examples += _read_examples_json(Path(base_dir) / BASE_OPEN_WORLD_FILE)
+    return examples
 
 
-def _cos(a: dict, b: dict) -> float:
-    if len(a) > len(b):
-        a, b = b, a
-    return sum(v * b.get(t, 0.0) for t, v in a.items())
+def _read_examples_json(path: Path) -> list[tuple[str, Any]]:
+    from PIL import Image
+
+    out = []
+    for row in json.loads(path.read_text(encoding="utf-8")).get("examples", []):
+        row = {"text": row} if isinstance(row, str) else row
+        image = None
+        if row.get("image"):
+            with Image.open(path.parent / row["image"]) as img:
+                image = img.convert("RGB")
+        out.append((row["text"], image))
+    return out
 
 
-class TaskWording:
-    """One task's examples as phrasings: the task's vocabulary and, per example, how much each term belongs to its phrasing."""
+class TextFeatures:
+    """Sentence embedding ⊕ character n-gram TF-IDF of a prompt (sparse rows)."""
 
-    def __init__(self, vectorizer: TextVectorizer, texts: list[str], support_k: int):
-        self.vectorizer = vectorizer
-        term_sets = [set(vectorizer.terms(t)) for t in texts]
-        self.vocab: set[Term] = set().union(*term_sets) if term_sets else set()
-        # Siblings by unweighted (set) cosine: IDF would let rare slot words decide who is alike.
-        self.examples: list[tuple[dict[Term, float], float]] = []
-        for i, terms in enumerate(term_sets):
-            sims = sorted(
-                ((len(terms & other) / math.sqrt(len(terms) * len(other) or 1), j) for j, other in enumerate(term_sets) if j != i),
-                reverse=True,
-            )[:support_k]
-            weights = {}
-            for t in terms:
-                support = sum(t in term_sets[j] for _, j in sims) / len(sims) if sims else 1.0
-                weights[t] = vectorizer.weight(t) * support
-            self.examples.append((weights, sum(weights.values()) or 1.0))
-        self.cosine_vectors = [vectorizer.vector(t) for t in texts]
+    def __init__(self, embedder, char_weight: float, word_weight: float = 0.0):
+        self.embedder = embedder
+        self.char_weight = char_weight
+        self.word_weight = word_weight
+        self.ngrams = None
+        self.words = None
 
-    def coverage(self, query_terms: set[Term]) -> tuple[float, float, float]:
-        """(score, precision, recall) of the best-covered example."""
-        mass = sum(self.vectorizer.weight(t) for t in query_terms)
-        if not mass or not self.examples:
-            return 0.0, 0.0, 0.0
-        precision = sum(self.vectorizer.weight(t) for t in query_terms if t in self.vocab) / mass
-        recall = max(sum(w for t, w in weights.items() if t in query_terms) / total for weights, total in self.examples)
-        return _f_beta(precision, recall), precision, recall
+    def fit(self, texts: list[str]) -> TextFeatures:
+        from sklearn.feature_extraction.text import TfidfVectorizer
 
-    def cosine(self, query_vector: dict[Term, float]) -> float:
-        return max((_cos(query_vector, v) for v in self.cosine_vectors), default=0.0)
+        if self.char_weight > 0:
+            self.ngrams = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, lowercase=True).fit(texts)
+        if self.word_weight > 0:
+            self.words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True, token_pattern=r"(?u)\b\w+\b").fit(texts)
+        return self
+
+    def __call__(self, texts: list[str]):
+        from scipy import sparse
+
+        blocks = []
+        if self.embedder is not None:
+            blocks.append(sparse.csr_matrix(self.embedder(texts)))  # [n, dim], unit rows
+        if self.ngrams is not None:
+            blocks.append(self.ngrams.transform(texts) * self.char_weight)  # [n, vocab], unit rows × weight
+        if self.words is not None:
+            blocks.append(self.words.transform(texts) * self.word_weight)  # [n, word vocab]: word order's connectors
+        return sparse.hstack(blocks, format="csr")
 
 
-class VisionEncoder:
-    """The base's CLIP vision tower (weights from the base checkpoint), pooled to one vector per image."""
+@dataclass
+class ImageGate:
+    """Which image a task accepts: close enough to one of its examples' images."""
 
-    def __init__(self, base_dir: str | Path):
-        import torch
-        from safetensors import safe_open
-        from transformers import AutoConfig, AutoProcessor, CLIPVisionModel
+    examples: np.ndarray
+    """``[k, d]`` centred, unit image features of the task's examples."""
+    floor: float
+    """A request image must reach this nearest-example cosine."""
 
-        config = AutoConfig.from_pretrained(str(base_dir))
-        self.layer = getattr(config, "vision_feature_layer", -2)
-        self.model = CLIPVisionModel(config.vision_config).eval()
-        expected = set(self.model.state_dict())
-        state = {}
-        for file in sorted(Path(base_dir).glob("*.safetensors")):
-            with safe_open(str(file), "pt") as f:
-                for key in f.keys():
-                    if key.startswith("vision_tower."):
-                        # Hub layout `vision_tower.vision_model.…`; transformers 5's CLIPVisionModel has no `vision_model.` level.
-                        name = key.removeprefix("vision_tower.")
-                        if name not in expected:
-                            name = name.removeprefix("vision_model.")
-                        state[name] = f.get_tensor(key)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or any(not k.endswith("position_ids") for k in missing):
-            raise RuntimeError(f"vision tower weights do not match: missing {missing}, unexpected {unexpected}")
-        self.processor = AutoProcessor.from_pretrained(str(base_dir)).image_processor
-        self._torch = torch
-
-    def __call__(self, images: list) -> np.ndarray:
-        """``[len(images), d]`` mean-pooled features (not normalised)."""
-        with self._torch.no_grad():
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.layer]  # [n, 1 + patches, d]
-            return hidden[:, 1:].mean(1).numpy()  # drop CLS, as LLaVA's "default" strategy does
+    def similarity(self, feature: np.ndarray) -> float:
+        return float((self.examples @ feature).max())
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norm == 0, 1.0, norm)
+@dataclass
+class ImageNeighbours:
+    """Class evidence of a request image: the labels of its nearest example images (tasks' and the base's)."""
+
+    features: np.ndarray
+    """``[n, d]`` centred, unit features of every labelled example image."""
+    labels: np.ndarray
+    """``[n]`` class of each."""
+    k: int = 8
+
+    def likelihood_ratios(self, feature: np.ndarray, classes: list[str]) -> dict[str, float]:
+        """P(class | image) / P(class) from the ``k`` nearest examples (add-one smoothed)."""
+        nearest = self.labels[np.argsort(-(self.features @ feature))[: self.k]]
+        n, c = len(self.labels), len(classes)
+        return {name: ((nearest == name).sum() + 1) / (self.k + c) / (((self.labels == name).sum() + 1) / (n + c)) for name in classes}
+
+
+@dataclass
+class TrainedRouter:
+    """Everything one task set's decisions need; replaced as a whole by ``update``."""
+
+    classes: list[str]
+    features: TextFeatures | None = None
+    classifier: Any = None
+    gates: dict[str, ImageGate] = field(default_factory=dict)
+    image_mean: np.ndarray | None = None
+    neighbours: ImageNeighbours | None = None
 
 
 class AutoRouter(Router):
@@ -224,109 +192,134 @@ class AutoRouter(Router):
         if unknown:
             raise ValueError(f"unknown option(s) for the auto router: {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         opt = {**DEFAULTS, **self.options}
-        self.threshold = float(opt["threshold"])
-        self.image_weight = float(opt["image_weight"])
-        self.margin = float(opt["margin"])
-        self.text_mode = str(opt["text"])
-        self.support_k = int(opt["support_k"])
-        if self.text_mode not in TEXT_MODES:
-            raise ValueError(f"auto router option `text` must be one of {TEXT_MODES}, got {self.text_mode!r}")
-        if not 0.0 <= self.image_weight <= 1.0:
-            raise ValueError(f"auto router option `image_weight` must be in [0, 1], got {self.image_weight}")
-        if self.support_k < 1:
-            raise ValueError(f"auto router option `support_k` must be ≥ 1, got {self.support_k}")
-        tokenizer = engine.tokenizer if engine is not None else _load_tokenizer(base_dir)
-        self.text = TextVectorizer(tokenizer)
+        try:
+            self.threshold = float(opt["threshold"])
+            self.C = float(opt["C"])
+            self.char_weight = float(opt["char_weight"])
+            self.gate_slack = float(opt["gate_slack"])
+            self.image_weight = float(opt["image_weight"])
+            self.word_weight = float(opt["word_weight"])
+        except ValueError as e:
+            raise ValueError(f"auto router options `threshold`, `C`, `char_weight`, `gate_slack`, `image_weight` must be numbers: {e}") from None
+        if opt["image_gate"] not in ("on", "off"):
+            raise ValueError(f"auto router option `image_gate` must be `on` or `off`, got {opt['image_gate']!r}")
+        if not 0.0 <= self.threshold <= 1.0 or self.C <= 0 or self.char_weight < 0 or self.image_weight < 0:
+            raise ValueError("auto router options: `threshold` must be in [0, 1], `C` > 0, `char_weight` and `image_weight` ≥ 0")
+        self.image_gate = opt["image_gate"] == "on"
+        self.uses_images = base_dir is not None and (self.image_gate or self.image_weight > 0)
+        self.embedder = load_text_embedder(opt["embedder"])
+        if self.embedder is None and self.char_weight == 0:
+            raise ValueError("the auto router needs an `embedder` or `char_weight` > 0")
+        self.open_world = read_open_world(base_dir, opt["open_world"])
         self._base_dir = base_dir
         self._vision: VisionEncoder | None = None
-        self._tasks: list[tuple[str, TaskWording, np.ndarray | None]] = []
-        self._image_mean: np.ndarray | None = None
+        self._trained = TrainedRouter(classes=[BASE])
 
-    @property
-    def _uses_images(self) -> bool:
-        return self.image_weight > 0 and self._base_dir is not None
+    # ---- training (registration time) -------------------------------------------
 
-    def _features(self, images: list) -> np.ndarray:
+    def _image_features(self, images: list) -> np.ndarray:
         if self._vision is None:
             self._vision = VisionEncoder(self._base_dir)
         return self._vision(images)
 
-    def update(self, tasks: list[TaskCard]) -> None:
-        tasks = [t for t in tasks if t.examples]
-        self.text.fit([text for t in tasks for text, _ in t.examples] or [""])
-        features: list[np.ndarray | None] = []
-        for t in tasks:
-            images = [img for _, img in t.examples if img is not None]
-            features.append(self._features(images) if self._uses_images and images else None)
-        known = [f for f in features if f is not None]
-        self._image_mean = np.concatenate(known).mean(0) if known else None
-        self._tasks = [
-            (t.name, TaskWording(self.text, [text for text, _ in t.examples], self.support_k), None if f is None else _unit(f - self._image_mean))
-            for t, f in zip(tasks, features, strict=True)
-        ]
+    def prepare(self, tasks: list[TaskCard]) -> TrainedRouter:
+        """A classifier for ``tasks`` (not yet live: :meth:`install` makes it so in one assignment)."""
+        from sklearn.linear_model import LogisticRegression
 
-    def components(self, query: RouteQuery) -> dict[str, Evidence]:
-        """Text and image evidence for every task (computed once; :meth:`decide` weighs it)."""
-        qimage = None
-        if query.image is not None and self._image_mean is not None:
-            qimage = _unit(self._features([query.image])[0] - self._image_mean)
-        if self.text_mode == "coverage":
-            qterms = set(self.text.terms(query.text))
-        else:
-            qvector = self.text.vector(query.text)
-        out = {}
-        for name, wording, images in self._tasks:
-            if self.text_mode == "coverage":
-                text, precision, recall = wording.coverage(qterms)
-                why = f"wording {precision:.0%} known to the task, its nearest phrasing {recall:.0%} covered"
-            else:
-                text = wording.cosine(qvector)
-                why = "nearest example's TF-IDF cosine"
-            image = float((images @ qimage).max()) if qimage is not None and images is not None else None
-            out[name] = Evidence(text, image, why)
-        return out
+        tasks = [t for t in tasks if t.examples and t.name != BASE]
+        if not tasks:
+            return TrainedRouter(classes=[BASE])
+        texts = [text for t in tasks for text, _ in t.examples] + [text for text, _ in self.open_world]
+        labels = [t.name for t in tasks for _ in t.examples] + [BASE] * len(self.open_world)
+        features = TextFeatures(self.embedder, self.char_weight, self.word_weight).fit(texts)
+        classifier = LogisticRegression(C=self.C, class_weight="balanced", max_iter=2000).fit(features(texts), labels)
+        trained = TrainedRouter(classes=list(classifier.classes_), features=features, classifier=classifier)
+        if self.uses_images:
+            self._fit_images(trained, tasks)
+        return trained
+
+    def install(self, prepared: TrainedRouter) -> None:
+        self._trained = prepared
+
+    def _fit_images(self, trained: TrainedRouter, tasks: list[TaskCard]) -> None:
+        labelled = [(t.name, img) for t in tasks for _, img in t.examples if img is not None]
+        labelled += [(BASE, img) for _, img in self.open_world if img is not None]
+        if not labelled:
+            return
+        labels = np.array([name for name, _ in labelled])
+        raw = self._image_features([img for _, img in labelled])  # [n, d]
+        trained.image_mean = raw.mean(0)
+        centred = unit(raw - trained.image_mean)
+        trained.neighbours = ImageNeighbours(centred, labels)
+        for t in tasks if self.image_gate else ():
+            mine = centred[labels == t.name]  # [k, d]
+            if len(mine) < 2:
+                continue
+            sims = mine @ mine.T
+            np.fill_diagonal(sims, -np.inf)
+            trained.gates[t.name] = ImageGate(mine, float(sims.max(1).min()) - self.gate_slack)
+
+    # ---- decisions (request time) -------------------------------------------------
+
+    def text_scores(self, texts: list[str]) -> list[dict[str, float]]:
+        """The classifier's probability of every class (tasks and ``base``) for each prompt's words."""
+        trained = self._trained
+        if trained.classifier is None:
+            return [{BASE: 1.0} for _ in texts]
+        probs = trained.classifier.predict_proba(trained.features(texts))  # [n, classes]
+        return [{c: float(p) for c, p in zip(trained.classes, row, strict=True)} for row in probs]
+
+    def image_evidence(self, query: RouteQuery) -> ImageEvidence:
+        """What the request's image (or its absence) says: tasks it rules out, and class likelihood ratios."""
+        trained = self._trained
+        if query.image is None:
+            return ImageEvidence({name: "its examples come with an image; the request has none" for name in trained.gates}, {})
+        if trained.neighbours is None:
+            return ImageEvidence({}, {})
+        feature = unit(self._image_features([query.image])[0] - trained.image_mean)  # [d]
+        closed = {}
+        for name, gate in trained.gates.items():
+            sim = gate.similarity(feature)
+            if sim < gate.floor:
+                closed[name] = f"the image is unlike its examples' (cosine {sim:.2f} < {gate.floor:.2f})"
+        return ImageEvidence(closed, trained.neighbours.likelihood_ratios(feature, trained.classes))
 
     def scores(self, query: RouteQuery) -> dict[str, float]:
-        """Score of every task (the router's evidence)."""
-        return {name: ev.score(self.image_weight) for name, ev in self.components(query).items()}
+        """Probability of every class given the words and the image (see :func:`combine`)."""
+        return combine(self.text_scores([query.text])[0], self.image_evidence(query).ratios, self.image_weight)
 
     def route(self, query: RouteQuery) -> RouteDecision:
-        return decide(self.components(query), self.threshold, self.image_weight, self.margin, self.name)
+        evidence = self.image_evidence(query)
+        scores = combine(self.text_scores([query.text])[0], evidence.ratios, self.image_weight)
+        return decide(scores, evidence.closed, self.threshold, self.name)
 
 
-@dataclass(frozen=True)
-class Evidence:
-    text: float
-    image: float | None
-    """None: the request or the task has no image (or images are not used)."""
-    why: str
-
-    def score(self, image_weight: float) -> float:
-        return self.text if self.image is None else (1 - image_weight) * self.text + image_weight * self.image
-
-    def describe(self, image_weight: float) -> str:
-        text = f"text {self.text:.2f} ({self.why})"
-        return text if self.image is None else f"{text}, image {self.image:.2f} (weight {image_weight:.2f})"
+@dataclass
+class ImageEvidence:
+    closed: dict[str, str]
+    """Task → why the image (or its absence) rules it out."""
+    ratios: dict[str, float]
+    """Class → P(class | image) / P(class) from the nearest example images (empty: no image evidence)."""
 
 
-def decide(evidence: dict[str, Evidence], threshold: float, image_weight: float, margin: float, router: str = "auto") -> RouteDecision:
-    """The decision rule: the best task if it reaches ``threshold`` and beats the runner-up by ``margin``, else the base."""
-    if not evidence:
-        return RouteDecision(None, 0.0, "no task with routing examples is registered: base model", router)
-    ranked = sorted(((ev.score(image_weight), name) for name, ev in evidence.items()), reverse=True)
-    score, best = ranked[0]
-    runner_up, second = ranked[1] if len(ranked) > 1 else (0.0, None)
-    why = evidence[best].describe(image_weight)
-    if score < threshold:
-        return RouteDecision(None, score, f"best match `{best}` scores {score:.3f} < threshold {threshold:.2f} ({why}): open world, base model", router)
-    if score - runner_up < margin:
-        return RouteDecision(None, score, f"`{best}` ({score:.2f}) and `{second}` ({runner_up:.2f}) are closer than the margin {margin:.2f}: base model", router)
-    return RouteDecision(best, score, f"`{best}` scores {score:.3f} ≥ threshold {threshold:.2f}: {why}; next best {runner_up:.2f}", router)
+def combine(text: dict[str, float], ratios: dict[str, float], image_weight: float) -> dict[str, float]:
+    """``P(c | words, image) ∝ P(c | words) · (P(c | image) / P(c))^image_weight`` (naive Bayes over the two views)."""
+    if not ratios or image_weight == 0:
+        return text
+    joint = {c: p * ratios.get(c, 1.0) ** image_weight for c, p in text.items()}
+    total = sum(joint.values())
+    return {c: v / total for c, v in joint.items()}
 
 
-def _load_tokenizer(base_dir: str | None):
-    from transformers import AutoTokenizer
-
-    if base_dir is None:
-        raise ValueError("the auto router needs the engine's tokenizer or the base directory")
-    return AutoTokenizer.from_pretrained(str(base_dir))
+def decide(scores: dict[str, float], closed: dict[str, str], threshold: float, router: str = "auto") -> RouteDecision:
+    """The most probable task the gates leave open, if it reaches ``threshold``; else the base model."""
+    if len(scores) == 1:
+        return RouteDecision(None, 1.0, "no task with routing examples is registered: base model", router, scores)
+    summary = ", ".join(f"{c} {p:.2f}" for p, c in sorted(((p, c) for c, p in scores.items()), reverse=True)[:3])
+    open_tasks = sorted(((p, c) for c, p in scores.items() if c != BASE and c not in closed), reverse=True)
+    if open_tasks and open_tasks[0][0] >= threshold:
+        p, name = open_tasks[0]
+        return RouteDecision(name, p, f"`{name}` is the most likely task ({summary}) and reaches {threshold:.2f}", router, scores)
+    ruled_out = "; ".join(f"not `{n}`: {why}" for n, why in closed.items() if scores.get(n, 0.0) >= threshold)
+    reason = f"no task reaches {threshold:.2f} ({summary}){'; ' + ruled_out if ruled_out else ''}: open world, base model"
+    return RouteDecision(None, scores[BASE], reason, router, scores)

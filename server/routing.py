@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
@@ -44,6 +44,8 @@ class RouteDecision:
     score: float
     reason: str
     router: str
+    scores: dict[str, float] = field(default_factory=dict)
+    """The router's score of every candidate (tasks and ``base``), when it has them: the evidence behind the decision."""
 
 
 @dataclass
@@ -60,8 +62,10 @@ class TaskCard:
 class Router(ABC):
     """Picks the expert for a request.
 
-    Contract: :meth:`update` is called with every registered task whenever the
-    registry changes (before requests see the change); :meth:`route` must be cheap
+    Contract: whenever the registry changes, the service calls :meth:`prepare` with every
+    task of the next registry state (off the event loop; it may take a second) and then
+    :meth:`install` right before requests can see that state, so a request never meets
+    a task the router does not know, or the reverse; :meth:`route` must be cheap
     and must not block the event loop for long (it runs on it); it returns
     ``expert=None`` for the base model.
     """
@@ -71,8 +75,16 @@ class Router(ABC):
     def __init__(self, options: dict[str, str] | None = None, **context: Any):
         self.options = dict(options or {})
 
-    def update(self, tasks: list[TaskCard]) -> None:  # noqa: B027 - optional hook
-        """The set of registered tasks changed."""
+    def update(self, tasks: list[TaskCard]) -> None:
+        """The set of registered tasks changed (:meth:`prepare` then :meth:`install`)."""
+        self.install(self.prepare(tasks))
+
+    def prepare(self, tasks: list[TaskCard]) -> Any:
+        """The slow part of a task-set change (runs off the event loop); returns what :meth:`install` needs."""
+        return tasks
+
+    def install(self, prepared: Any) -> None:  # noqa: B027 - optional hook
+        """Make a prepared task set live, in one assignment (runs on the event loop, no await)."""
 
     @abstractmethod
     def route(self, query: RouteQuery) -> RouteDecision: ...

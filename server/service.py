@@ -56,6 +56,7 @@ class DeltaService:
             exclusive.on_unstaged = self.scheduler.state_removed
         self.explicit_router = ExplicitRouter()
         self.auto_router: Router = load_router(config.router, _router_options(config.extra), engine=engine, base_dir=config.engine.model)
+        registry.before_publish = self._prepare_routing
         self.base_name = engine.model_name
         self.image_tokens = _image_tokens(engine)
         self._inflight = 0
@@ -124,6 +125,14 @@ class DeltaService:
             metrics.REQUESTS.labels(task_label, outcome, req.api).inc()
             self._exit()
 
+    async def route(self, req: InferenceRequest) -> Routed:
+        """The routing decision ``req`` would get, without generating (no engine work, no metrics)."""
+        prep = await asyncio.to_thread(
+            prepare, req, tokenizer=self.engine.tokenizer, max_model_len=self.engine.max_model_len, image_tokens=self.image_tokens, config=self.config
+        )
+        decision = self._route(req.task, prep)
+        return Routed(prep.request_id, decision.expert or self.base_name, decision, prep.prompt_tokens)
+
     def _route(self, task: str | None, prep: PreparedRequest) -> RouteDecision:
         query = RouteQuery(text=prep.user_text, image=prep.image, task=task)
         if task and task != AUTO:
@@ -166,13 +175,11 @@ class DeltaService:
             delta = await self.registry.register(staging, name, staged=True)
         else:
             delta = await self.registry.register(Path(path), name)
-        self._registry_changed()
         return delta
 
     async def unregister(self, name: str, *, token: str | None) -> None:
         self.check_admin(token)
         await self.registry.unregister(name)
-        self._registry_changed()
 
     async def verify_base(self, *, token: str | None) -> dict:
         """Check that the weights the engine computes with in the base state are the base's.
@@ -193,17 +200,17 @@ class DeltaService:
         mismatched = sorted(name for name in live if live[name] != expected[name])
         return {"match": not mismatched, "tensors": len(live), "mismatched": mismatched, "state_switches": self.scheduler.switches}
 
-    def task_cards(self) -> list[TaskCard]:
-        return [task_card(d) for d in self.registry.list()]
-
-    def _registry_changed(self) -> None:
-        self.auto_router.update(self.task_cards())
+    async def _prepare_routing(self, deltas: list[LiveDelta]):
+        """The registry's ``before_publish`` hook: retrain the router off the loop, install it at publication."""
+        prepared = await asyncio.to_thread(lambda: self.auto_router.prepare([task_card(d) for d in deltas]))
+        return lambda: self.auto_router.install(prepared)
 
     # ---- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> list[str]:
         problems = await self.registry.restore()
-        self._registry_changed()
+        commit = await self._prepare_routing(self.registry.list())
+        commit()
         return problems
 
     async def drain(self, grace_s: float) -> bool:

@@ -35,6 +35,7 @@ target, duplicate id, missing or unreadable image, bad ``task.json``.
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,3 +246,18 @@ def load_tasks(root: str | Path, type: str | None = None, names: tuple[str, ...]
     if missing:
         raise DataError([DataProblem(root, None, f"no task named {', '.join(f'`{n}`' for n in sorted(missing))}")])
     return tasks
+
+
+def pick_examples(samples: list[Sample], n: int, seed: int) -> list[Sample]:
+    """``n`` training samples, seeded, round-robin over distinct prompts (every phrasing is represented)."""
+    order = list(samples)
+    random.Random(f"deltaserve-examples\0{seed}").shuffle(order)
+    groups: dict[str, list[Sample]] = {}
+    for s in order:
+        groups.setdefault(s.prompt, []).append(s)
+    picked: list[Sample] = []
+    while len(picked) < min(n, len(order)):
+        for prompt in list(groups):
+            if groups[prompt] and len(picked) < n:
+                picked.append(groups[prompt].pop(0))
+    return picked

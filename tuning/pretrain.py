@@ -23,6 +23,11 @@ from deltaserve.tuning.world import GENERAL_TASKS, WorldConfig, cached_world, wo
 
 PRETRAIN_VERSION = 1
 META_FILE = "deltaserve-base.json"
+OPEN_WORLD_FILE = "deltaserve-open-world.json"
+"""``{"examples": [{"text": prompt, "image": "deltaserve-open-world/N.png" | null}, ...]}``: training
+prompts of the base's general tasks, read by the server's auto router as examples of what the
+base itself handles (the open world)."""
+OPEN_WORLD_EXAMPLES = 24
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,26 @@ class PretrainResult:
     """True when nothing was trained in this call."""
     meta: dict
     """The contents of ``deltaserve-base.json``."""
+
+
+def open_world_examples(tasks: dict[str, data.Task], n: int, seed: int) -> list[data.Sample]:
+    """``n`` training samples of every general task (every phrasing represented, see :func:`data.pick_examples`)."""
+    return [s for name in sorted(tasks) for s in data.pick_examples(tasks[name]["train"], n, seed)]
+
+
+def write_open_world(path: Path, samples: list[data.Sample]) -> Path:
+    """``path`` (see :data:`OPEN_WORLD_FILE`) with the samples' images as PNG files beside it."""
+    images = path.with_suffix("")
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, s in enumerate(samples):
+        image = None
+        if s.image is not None:
+            image = f"{images.name}/{i:04d}.png"
+            s.load_image().save(path.parent / image, format="PNG")
+        rows.append({"text": s.prompt, "image": image})
+    path.write_text(json.dumps({"examples": rows}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
 
 
 def pretrain_key(config: PretrainConfig) -> str:
@@ -133,4 +158,5 @@ def pretrain(config: PretrainConfig | None = None, progress: bool = True) -> Pre
     }
     with atomic_dir(final, exist_ok=True) as tmp:
         factory.save_model_dir(model, tok, processor, tmp, meta)
+        write_open_world(tmp / OPEN_WORLD_FILE, open_world_examples(tasks, OPEN_WORLD_EXAMPLES, config.seed))
     return PretrainResult(final, False, json.loads((final / META_FILE).read_text()))

@@ -29,7 +29,6 @@ for all methods alike, before the published run; see docs/tuning-results.md.)
 from __future__ import annotations
 
 import json
-import random
 import statistics
 import sys
 import time
@@ -203,21 +202,6 @@ def load_general(general_dir: str | Path | None) -> dict[str, list[data.Sample]]
     return {name: task["test"] for name, task in tasks.items()}
 
 
-def pick_examples(samples: list[data.Sample], n: int, seed: int) -> list[data.Sample]:
-    """``n`` training samples, seeded, round-robin over distinct prompts (every phrasing is represented)."""
-    order = list(samples)
-    random.Random(f"deltaserve-examples\0{seed}").shuffle(order)
-    groups: dict[str, list[data.Sample]] = {}
-    for s in order:
-        groups.setdefault(s.prompt, []).append(s)
-    picked: list[data.Sample] = []
-    while len(picked) < min(n, len(order)):
-        for prompt in list(groups):
-            if groups[prompt] and len(picked) < n:
-                picked.append(groups[prompt].pop(0))
-    return picked
-
-
 def task_examples(samples: list[data.Sample]) -> tuple[list, dict[str, bytes]]:
     """Manifest examples and the image files they reference (re-encoded as PNG: always a valid bundle image)."""
     import io
@@ -368,7 +352,7 @@ def tune(
     metrics["train_loss_last"] = round(sum(result.losses[-10:]) / len(result.losses[-10:]), 4)
     evaluated = time.perf_counter()
 
-    examples, files = task_examples(pick_examples(task["train"], config.examples, config.seed))
+    examples, files = task_examples(data.pick_examples(task["train"], config.examples, config.seed))
     hyper = {
         **asdict(train_config),
         "betas": list(train_config.betas),
