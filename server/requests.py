@@ -172,7 +172,8 @@ def prepare(req: InferenceRequest, *, tokenizer, max_model_len: int, image_token
         user_text = req.prompt
         prompt = req.prompt
         if req.chat:
-            prompt, user_text = _chat_prompt(tokenizer, [{"role": "user", "content": req.prompt}])
+            content = [{"type": "image"}, {"type": "text", "text": req.prompt}] if image is not None and IMAGE_PLACEHOLDER not in req.prompt else req.prompt
+            prompt, user_text = _chat_prompt(tokenizer, [{"role": "user", "content": content}])
     if not user_text.strip() and image is None:
         raise InvalidRequestError("`prompt` must not be empty")
 
@@ -185,7 +186,10 @@ def prepare(req: InferenceRequest, *, tokenizer, max_model_len: int, image_token
     if placeholders == 1 and image is None:
         raise InvalidRequestError(f"the prompt contains `{IMAGE_PLACEHOLDER}` but no image was sent")
 
-    ids = tokenizer(prompt).input_ids
+    # A rendered chat carries its own BOS (the template's); a raw prompt gets the tokenizer's,
+    # exactly as vLLM's OpenAI server does for /v1/chat/completions and /v1/completions.
+    chat = req.messages is not None or req.chat
+    ids = tokenizer(prompt, add_special_tokens=not chat).input_ids
     prompt_tokens = len(ids) + (image_tokens - 1 if image is not None else 0)
     if prompt_tokens >= max_model_len:
         raise InvalidRequestError(

@@ -19,6 +19,10 @@ SPECIAL_TOKENS = [BOS, EOS, PAD, IMAGE]  # ids 0..3, in this order
 # same format, so `/v1/completions` with this prompt and a one-turn chat are equivalent.
 PROMPT_FORMAT = "{image}{question}\nAnswer:"
 CHAT_TEMPLATE = (
+    # The template carries BOS, as Llama's does: OpenAI-compatible servers (vLLM's, deltaserve)
+    # and transformers' apply_chat_template(tokenize=True) tokenize the rendered chat *without*
+    # adding special tokens, so the model sees exactly the training prompt `<s>…\nAnswer:`.
+    "{{ bos_token }}"
     # Newlines are emitted as expressions: `{%-`/`-%}` would strip literal ones.
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
