@@ -133,14 +133,44 @@ def task_name_problem(name: object) -> str | None:
     return None
 
 
+MAX_PATH_CHARS = 512
+MAX_PATH_COMPONENT_CHARS = 128
+MAX_PATH_DEPTH = 8
+
+
 def relpath_problem(path: object) -> str | None:
-    """Why ``path`` is not a safe bundle-relative POSIX path, or None."""
+    """Why ``path`` is not a safe bundle-relative POSIX path, or None.
+
+    Relative, normalised (no ``.``/``..``/empty components), no NUL or other control
+    characters, no backslash, at most :data:`MAX_PATH_DEPTH` components of at most
+    :data:`MAX_PATH_COMPONENT_CHARS` characters and :data:`MAX_PATH_CHARS` in all.
+    """
     if not isinstance(path, str) or not path:
         return f"path {path!r} is not a non-empty string"
+    shown = ascii(path)[1:-1][:80]
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return f"unsafe path `{shown}` (control characters)"
+    if len(path) > MAX_PATH_CHARS:
+        return f"path `{shown}…` is longer than {MAX_PATH_CHARS} characters"
     pure = PurePosixPath(path)
-    if pure.is_absolute() or "\\" in path or ".." in pure.parts or str(pure) != path or path.startswith("./"):
-        return f"unsafe path `{path}` (must be relative, normalised, without `..`)"
+    if pure.is_absolute() or "\\" in path or ".." in pure.parts or str(pure) != path or path.startswith("./") or pure.parts in ((), (".",)):
+        return f"unsafe path `{shown}` (must be relative, normalised, without `.` or `..`)"
+    if len(pure.parts) > MAX_PATH_DEPTH or any(len(part) > MAX_PATH_COMPONENT_CHARS for part in pure.parts):
+        return f"path `{shown}` is deeper than {MAX_PATH_DEPTH} levels or has a name longer than {MAX_PATH_COMPONENT_CHARS} characters"
     return None
+
+
+def path_set_problems(paths: list[str]) -> list[str]:
+    """Problems of a set of bundle paths as a whole: duplicates, and a path that is both a file and a folder."""
+    problems = []
+    seen = set()
+    for rel in paths:
+        if rel in seen:
+            problems.append(f"`{rel}` is given twice")
+        seen.add(rel)
+    folders = {str(parent) for rel in seen for parent in PurePosixPath(rel).parents if str(parent) != "."}
+    problems += [f"`{rel}` is both a file and a folder" for rel in sorted(seen & folders)]
+    return problems
 
 
 def _object(obj: dict, key: str, problems: list[str], where: str) -> dict | None:

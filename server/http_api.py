@@ -18,6 +18,7 @@ Compatibility notes (what an OpenAI client sees):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -149,6 +150,29 @@ def _chat_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
             raise InvalidRequestError(f"`messages[{i}].content` must be a string or a list of parts")
         out.append({"role": message.get("role"), "content": content})
     return out, image
+
+
+def _decode_files(files: dict[str, str]) -> list[tuple[str, bytes]]:
+    out = []
+    for rel, data in files.items():
+        try:
+            out.append((rel, base64.b64decode(data, validate=True)))
+        except (binascii.Error, ValueError):
+            raise InvalidRequestError(f"`files.{ascii(rel)[1:-1][:80]}` is not valid base64") from None
+    return out
+
+
+def _duplicate_keys(raw: bytes) -> list[str]:
+    """Keys given twice in one object of a JSON body (JSON allows it; the last would silently win)."""
+    found: list[str] = []
+
+    def pairs(items):
+        keys = [k for k, _ in items]
+        found.extend(sorted({k for k in keys if keys.count(k) > 1}))
+        return dict(items)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return found
 
 
 def _routing_json(routed: Routed) -> dict:
@@ -346,13 +370,14 @@ def create_app(service: DeltaService) -> FastAPI:
         service.check_admin(token)  # before decoding a possibly large body
         if (body.files is None) == (body.path is None):
             raise InvalidRequestError("give exactly one of `files` (path → base64) or `path`")
+        if body.name is not None and not body.name.strip():
+            raise InvalidRequestError("`name` must not be empty (omit it to use the bundle's own name)")
         if body.files is not None:
-            files = []
-            for rel, data in body.files.items():
-                try:
-                    files.append((rel, base64.b64decode(data, validate=True)))
-                except (binascii.Error, ValueError):
-                    raise InvalidRequestError(f"`files.{rel}` is not valid base64") from None
+            duplicated = await asyncio.to_thread(_duplicate_keys, await request.body())
+            if duplicated:
+                raise InvalidRequestError(f"the body names {', '.join(f'`{k}`' for k in duplicated)} more than once (in `files`: one entry per path)")
+        if body.files is not None:
+            files = await asyncio.to_thread(_decode_files, body.files)
             delta = await service.register(token=token, files=files, name=body.name)
         else:
             from pathlib import Path

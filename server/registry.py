@@ -36,7 +36,7 @@ from deltaserve.plugins import env
 from deltaserve.plugins.base_spec import BaseSpec
 from deltaserve.plugins.bundle import MANIFEST_FILE, Bundle, Limits, content_digest, read_bundle
 from deltaserve.plugins.errors import BundleError
-from deltaserve.plugins.manifest import relpath_problem, task_name_problem
+from deltaserve.plugins.manifest import path_set_problems, relpath_problem, task_name_problem
 from deltaserve.server import metrics
 from deltaserve.server.bindings import Binding, binding_for
 from deltaserve.server.errors import InvalidRequestError, NotFoundError, ResourceExhaustedError
@@ -232,19 +232,25 @@ class DeltaRegistry:
         total = sum(len(data) for _, data in files)
         if total > self.max_bundle_bytes:
             raise ResourceExhaustedError(f"bundle is {total} bytes; the server's limit is {self.max_bundle_bytes}")
+        if len(files) > self.limits.max_files:
+            raise InvalidRequestError(f"`files` has {len(files)} entries; a bundle holds at most {self.limits.max_files}")
         problems = [p for rel, _ in files if (p := relpath_problem(rel))]
-        if len({rel for rel, _ in files}) != len(files):
-            problems.append("`files` names a path twice")
+        if not problems:
+            problems = path_set_problems([rel for rel, _ in files])
         if problems:
             raise BundleError("<upload>", problems)
         staging = self.new_staging_dir()
-        for rel, data in files:
-            target = staging / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        try:
+            for rel, data in files:
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return staging
 
     async def register(self, source: Path, name: str | None = None, *, staged: bool = False) -> LiveDelta:

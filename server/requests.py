@@ -128,7 +128,19 @@ def _sampling(fields: SamplingFields, prompt_tokens: int, max_model_len: int, co
         raise InvalidRequestError(f"`top_k` must be 0 (off) or positive, got {top_k}")
     if len(fields.stop) > MAX_STOP_STRINGS or any(not s or len(s) > 64 for s in fields.stop):
         raise InvalidRequestError(f"`stop` takes at most {MAX_STOP_STRINGS} non-empty strings of ≤ 64 characters")
+    for i, s in enumerate(fields.stop):
+        _check_text(s, f"stop[{i}]")
+    if fields.seed is not None and not 0 <= fields.seed < 2**63:
+        raise InvalidRequestError(f"`seed` must be an integer in [0, 2^63), got {fields.seed}")
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=fields.seed, stop=list(fields.stop))
+
+
+def _check_text(value: str, field: str) -> None:
+    """Text must be encodable as UTF-8: JSON can carry a lone UTF-16 surrogate (``"\\ud800"``), no tokenizer can."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"`{field}` contains an unpaired UTF-16 surrogate at character {exc.start}") from None
 
 
 def _chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
@@ -146,6 +158,7 @@ def _chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
             text = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         else:
             raise InvalidRequestError(f"`messages[{i}].content` must be a string or a list of parts")
+        _check_text(text, f"messages[{i}].content")
         if message["role"] == "user":
             user_text = text
     if messages[-1].get("role") != "user":
@@ -169,6 +182,7 @@ def prepare(req: InferenceRequest, *, tokenizer, max_model_len: int, image_token
     else:
         if not req.prompt or not req.prompt.strip():
             raise InvalidRequestError("`prompt` must not be empty")
+        _check_text(req.prompt, "prompt")
         user_text = req.prompt
         prompt = req.prompt
         if req.chat:

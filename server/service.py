@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import hmac
 import logging
 import time
@@ -171,8 +172,11 @@ class DeltaService:
     async def register(self, *, token: str | None, path: Path | None = None, files=None, name: str | None = None) -> LiveDelta:
         self.check_admin(token)
         if files is not None:
-            staging = self.registry.write_upload(files)
-            delta = await self.registry.register(staging, name, staged=True)
+            staging = await asyncio.to_thread(self.registry.write_upload, files)
+            try:
+                delta = await self.registry.register(staging, name, staged=True)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)  # consumed on success; never left behind
         else:
             delta = await self.registry.register(Path(path), name)
         return delta

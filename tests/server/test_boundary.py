@@ -1,0 +1,98 @@
+"""Bad uploads and requests over the wire: a clear 4xx / INVALID_ARGUMENT, nothing left behind, the server keeps serving.
+
+On the suite's shared server (``server`` fixture). Each case here was a 500 / INTERNAL, a
+silent acceptance or a leftover staging directory before (the boundary issue's table).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from server_process import ADMIN_TOKEN
+
+MANIFEST = b'{"format_version": 1}'
+BAD_UPLOADS = {
+    "NUL in a name": [("delta.json", MANIFEST), ("a\x00b.safetensors", b"x")],
+    "a `.` path": [("delta.json", MANIFEST), (".", b"x")],
+    "300-character name": [("delta.json", MANIFEST), ("a" * 300, b"x")],
+    "path deeper than the limit": [("delta.json", MANIFEST), ("/".join(["d"] * 40) + "/f", b"x")],
+    "path longer than PATH_MAX": [("delta.json", MANIFEST), ("/".join(["d" * 100] * 50), b"x")],
+    "a file that is also a folder": [("delta.json", MANIFEST), ("a.md", b"x"), ("a.md/b.md", b"y")],
+    "control character": [("delta.json", MANIFEST), ("a\nb", b"x")],
+}
+
+
+def _staging(server) -> list:
+    return sorted((server.store / "staging").iterdir())
+
+
+def _http(url: str, data: bytes, token: str | None = ADMIN_TOKEN) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _still_serves(server) -> None:
+    status, body = _http(f"{server.http}/v1/completions", json.dumps({"model": server.base_name, "prompt": "Hi", "max_tokens": 2}).encode())
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
+def test_bad_upload_names_are_refused_over_grpc_and_http_and_leave_nothing(server, case):
+    from deltaserve.v1 import deltaserve_pb2 as pb
+    from deltaserve.v1 import deltaserve_pb2_grpc as pb_grpc
+
+    files = BAD_UPLOADS[case]
+    before = _staging(server)
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = pb_grpc.RegistryStub(channel)
+        request = pb.RegisterRequest(files=[pb.BundleFile(path=p, data=d) for p, d in files], name="bad-upload")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Register(request, metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")], timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert str(server.store) not in err.value.details()
+    body = json.dumps({"name": "bad-upload", "files": {p: base64.b64encode(d).decode() for p, d in files}}).encode()
+    status, payload = _http(f"{server.http}/v1/deltas", body)
+    assert status == 400 and payload["error"]["message"], payload
+    assert _staging(server) == before
+    _still_serves(server)
+
+
+def test_http_upload_with_a_path_given_twice_is_refused(server):
+    entry = base64.b64encode(b"{}").decode()
+    body = ('{"name": "twice", "files": {"delta.json": "%s", "delta.json": "%s"}}' % (entry, entry)).encode()
+    status, payload = _http(f"{server.http}/v1/deltas", body)
+    assert status == 400 and "more than once" in payload["error"]["message"], payload
+
+
+def test_http_upload_with_an_empty_name_is_refused(server):
+    body = json.dumps({"name": "", "files": {"delta.json": base64.b64encode(MANIFEST).decode()}}).encode()
+    status, payload = _http(f"{server.http}/v1/deltas", body)
+    assert status == 400 and "`name` must not be empty" in payload["error"]["message"], payload
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"prompt": "Hi", "seed": 2**70}, "seed"),
+        ({"prompt": "Hi \ud800 there"}, "surrogate"),
+        ({"prompt": "Hi", "stop": ["\udfff"]}, "surrogate"),
+    ],
+    ids=["seed beyond 64 bits", "lone surrogate in the prompt", "lone surrogate in a stop string"],
+)
+def test_out_of_range_and_undecodable_fields_are_400(server, body, needle):
+    data = json.dumps({"model": server.base_name, "max_tokens": 2, **body}).encode()  # ensure_ascii: "\ud800" stays an escape
+    status, payload = _http(f"{server.http}/v1/completions", data, token=None)
+    assert status == 400 and needle in payload["error"]["message"], payload
+    chat = {"model": server.base_name, "max_tokens": 2, "messages": [{"role": "user", "content": body["prompt"]}], **{k: v for k, v in body.items() if k != "prompt"}}
+    status, payload = _http(f"{server.http}/v1/chat/completions", json.dumps(chat).encode(), token=None)
+    assert status == 400 and needle in payload["error"]["message"], payload
+    _still_serves(server)
