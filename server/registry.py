@@ -96,15 +96,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _copy_synced(src: Path, dst: Path, max_bytes: int) -> None:
-    """Copy a bundle directory (regular files only), fsync'ing every file; bounded in size."""
+    """Copy a bundle directory, fsync'ing every file; bounded in size.
+
+    Only regular files and folders: a symlink or a special file is refused by name (silently
+    dropping it would register something other than what the user pointed at).
+    """
     total = 0
     for root, dirs, files in os.walk(src, followlinks=False):
         rel_root = Path(root).relative_to(src)
         (dst / rel_root).mkdir(parents=True, exist_ok=True)
+        odd = [n for n in (*dirs, *files) if (Path(root) / n).is_symlink() or not ((Path(root) / n).is_file() or (Path(root) / n).is_dir())]
+        if odd:
+            names = ", ".join(f"`{(rel_root / n).as_posix()}`" for n in sorted(odd))
+            raise InvalidRequestError(f"the bundle directory holds {names}: only regular files and folders are accepted (no symlinks)")
         for name in files:
             s = Path(root) / name
-            if s.is_symlink() or not s.is_file():
-                continue  # read_bundle on the copy reports what is missing
             total += s.stat().st_size
             if total > max_bytes:
                 raise ResourceExhaustedError(f"bundle is larger than the server's limit of {max_bytes} bytes")
@@ -112,7 +118,6 @@ def _copy_synced(src: Path, dst: Path, max_bytes: int) -> None:
                 shutil.copyfileobj(fi, fo, 1 << 20)
                 fo.flush()
                 os.fsync(fo.fileno())
-        dirs[:] = [d for d in dirs if not (Path(root) / d).is_symlink()]
 
 
 class DeltaRegistry:

@@ -96,3 +96,16 @@ def test_out_of_range_and_undecodable_fields_are_400(server, body, needle):
     status, payload = _http(f"{server.http}/v1/chat/completions", json.dumps(chat).encode(), token=None)
     assert status == 400 and needle in payload["error"]["message"], payload
     _still_serves(server)
+
+
+def test_path_registration_of_a_directory_with_a_symlink_is_refused(server, tiny_base, tmp_path):
+    from helpers import make_lora_bundle
+
+    bundle = make_lora_bundle(tiny_base, tmp_path / "bundle", name="linked", seed=5)
+    (bundle / "notes.md").symlink_to("/etc/hostname")
+    before = _staging(server)
+    status, payload = _http(f"{server.http}/v1/deltas", json.dumps({"path": str(bundle)}).encode())
+    assert status == 400 and "`notes.md`" in payload["error"]["message"] and "symlink" in payload["error"]["message"], payload
+    assert _staging(server) == before
+    with urllib.request.urlopen(f"{server.http}/v1/deltas", timeout=60) as resp:
+        assert "linked" not in [d["name"] for d in json.loads(resp.read())["deltas"]]
