@@ -22,6 +22,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltaserve.plugins.errors import DeltaServeError
@@ -40,6 +42,9 @@ from deltaserve.server.requests import InferenceRequest, SamplingFields
 from deltaserve.server.service import AUTO, DeltaService, Routed
 
 # ---- request bodies -----------------------------------------------------------------
+
+
+log = logging.getLogger(__name__)
 
 
 class _Body(BaseModel):
@@ -238,6 +243,18 @@ def create_app(service: DeltaService) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"`{'.'.join(str(p) for p in e['loc'][1:])}`: {e['msg']}" for e in exc.errors())
         return error_response(InvalidRequestError(f"invalid request body: {problems}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # Starlette's own refusals (unparsable or non-UTF-8 body, unknown path, wrong method) in the OpenAI error shape.
+        err_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = {"error": {"message": str(exc.detail), "type": err_type, "param": None, "code": exc.status_code}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(exc)  # OpenAI shape, no server detail leaked
 
     @app.get("/health")
     async def health():

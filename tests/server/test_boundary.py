@@ -109,3 +109,14 @@ def test_path_registration_of_a_directory_with_a_symlink_is_refused(server, tiny
     assert _staging(server) == before
     with urllib.request.urlopen(f"{server.http}/v1/deltas", timeout=60) as resp:
         assert "linked" not in [d["name"] for d in json.loads(resp.read())["deltas"]]
+
+
+@pytest.mark.parametrize(
+    "data, path",
+    [(b'{"model": "x", "prompt": "\xff\xfe"}', "/v1/completions"), (b"[" * 100_000 + b"]" * 100_000, "/v1/chat/completions"), (b"{}", "/v1/no-such-endpoint")],
+    ids=["invalid UTF-8 body", "100000-deep JSON", "unknown path"],
+)
+def test_malformed_bodies_get_the_openai_error_shape(server, data, path):
+    status, payload = _http(f"{server.http}{path}", data, token=None)
+    assert 400 <= status < 500 and set(payload) == {"error"} and payload["error"]["message"], payload
+    _still_serves(server)
