@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from deltaserve.plugins.errors import DeltaServeError
 from deltaserve.plugins.registry import get_kind
-from deltaserve.server.errors import status_of
+from deltaserve.server.errors import InvalidRequestError, status_of
 from deltaserve.server.registry import LiveDelta
 from deltaserve.server.requests import InferenceRequest, SamplingFields
 from deltaserve.server.service import DeltaService, Routed
@@ -141,38 +141,59 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         return delta_info(self.service.registry.get(request.name))
 
 
+class _Undecodable:
+    """What the deserializer hands on when the request bytes are not a valid message (e.g. a non-UTF-8 string field)."""
+
+    def __init__(self, exc: Exception):
+        self.error = InvalidRequestError(f"the request is not a valid protobuf message: {exc}")
+
+
+def _tolerant(deserialize):
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError: the client's fault, answered by the handler below
+            return _Undecodable(exc)
+
+    return parse
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps typed errors to status codes (``deltaserve.server.errors.status_of``); logs the rest."""
+    """Maps typed errors to status codes (``deltaserve.server.errors.status_of``); logs the rest.
+
+    Undecodable request bytes become INVALID_ARGUMENT too (grpc would answer UNKNOWN).
+    """
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        deserializer = _tolerant(handler.request_deserializer) if handler.request_deserializer else None
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise request.error
                     return await inner(request, context)
                 except Exception as exc:
                     await _abort(context, exc, handler_call_details.method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, request_deserializer=deserializer, response_serializer=handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
                 try:
+                    if isinstance(request, _Undecodable):
+                        raise request.error
                     async for item in inner_stream(request, context):
                         yield item
                 except Exception as exc:
                     await _abort(context, exc, handler_call_details.method)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-            )
+            return grpc.unary_stream_rpc_method_handler(unary_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer)
         return handler
 
 

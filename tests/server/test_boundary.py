@@ -120,3 +120,16 @@ def test_malformed_bodies_get_the_openai_error_shape(server, data, path):
     status, payload = _http(f"{server.http}{path}", data, token=None)
     assert 400 <= status < 500 and set(payload) == {"error"} and payload["error"]["message"], payload
     _still_serves(server)
+
+
+def test_non_utf8_bytes_in_a_grpc_string_field_are_invalid_argument(server):
+    from deltaserve.v1 import deltaserve_pb2 as pb
+
+    # GenerateRequest.prompt (field 1, length-delimited) holding bytes that are not UTF-8.
+    raw = b"\x0a\x03\xff\xfe\xfd" + pb.GenerateRequest(task=server.base_name).SerializeToString()
+    with grpc.insecure_channel(server.grpc) as channel:
+        call = channel.unary_unary("/deltaserve.v1.Inference/Generate", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            call(raw, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "protobuf" in err.value.details()
+    _still_serves(server)
