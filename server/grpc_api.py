@@ -47,6 +47,7 @@ def _inference_request(msg: pb.GenerateRequest) -> InferenceRequest:
         top_k=s.top_k if s.HasField("top_k") else None,
         seed=s.seed if s.HasField("seed") else None,
         stop=list(s.stop),
+        ignore_eos=s.ignore_eos,
     )
     return InferenceRequest(
         prompt=msg.prompt,

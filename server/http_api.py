@@ -63,6 +63,8 @@ class _Body(BaseModel):
     user: str | None = None
     return_token_ids: bool = False
     """Extension (as in vLLM's server): add the generated token ids to the choice."""
+    ignore_eos: bool = False
+    """Extension (as in vLLM's server): generate ``max_tokens`` even past end-of-sequence."""
 
     def sampling(self) -> SamplingFields:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -73,6 +75,7 @@ class _Body(BaseModel):
             top_k=self.top_k,
             seed=self.seed,
             stop=stop,
+            ignore_eos=self.ignore_eos,
         )
 
     def check_unsupported(self, *fields: str) -> None:
@@ -189,6 +192,22 @@ def _usage(routed: Routed, completion: int) -> dict:
     return {"prompt_tokens": routed.prompt_tokens, "completion_tokens": completion, "total_tokens": routed.prompt_tokens + completion}
 
 
+async def _while_connected(request: Request, events: AsyncIterator) -> AsyncIterator:
+    """``events`` while the HTTP client is still there; once it has gone, close them — which aborts
+    the engine request (vLLM aborts a generation whose iteration is closed) within a token or two.
+
+    Starlette notices a vanished client only when a write fails, which the kernel's socket
+    buffer delays by hundreds of tokens: asking ``is_disconnected()`` per chunk does not wait.
+    """
+    try:
+        async for event in events:
+            if await request.is_disconnected():
+                return
+            yield event
+    finally:
+        await events.aclose()
+
+
 async def _collect(events) -> tuple[str, list[int], str | None]:
     text, ids, finish = [], [], None
     async for chunk in events:
@@ -286,7 +305,7 @@ def create_app(service: DeltaService) -> FastAPI:
         return first, events
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, request: Request):
         body.check_unsupported("logprobs", "echo", "suffix", "best_of", "tools")
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if len(prompts) != 1 or not isinstance(prompts[0], str):
@@ -294,6 +313,7 @@ def create_app(service: DeltaService) -> FastAPI:
         image = _decode_image_url(body.image, "image") if body.image else None
         req = InferenceRequest(prompt=prompts[0], image=image, task=body.model, sampling=body.sampling(), api="http")
         routed, events = await _start(req)
+        events = _while_connected(request, events)
         rid = f"cmpl-{routed.request_id}"
         headers = {"x-deltaserve-expert": routed.expert}
         if body.stream:
@@ -322,11 +342,12 @@ def create_app(service: DeltaService) -> FastAPI:
         )
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
+    async def chat_completions(body: ChatBody, request: Request):
         body.check_unsupported("logprobs", "top_logprobs", "tools", "tool_choice", "functions")
         messages, image = _chat_messages(body.messages)
         req = InferenceRequest(messages=messages, image=image, task=body.model, sampling=body.sampling(), chat=True, api="http")
         routed, events = await _start(req)
+        events = _while_connected(request, events)
         rid = f"chatcmpl-{routed.request_id}"
         headers = {"x-deltaserve-expert": routed.expert}
         if body.stream:

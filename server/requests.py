@@ -42,6 +42,8 @@ class SamplingFields:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    """vLLM's extension: generate ``max_tokens`` even past end-of-sequence (fixed-length answers for benchmarks)."""
 
 
 @dataclass
@@ -132,7 +134,7 @@ def _sampling(fields: SamplingFields, prompt_tokens: int, max_model_len: int, co
         _check_text(s, f"stop[{i}]")
     if fields.seed is not None and not 0 <= fields.seed < 2**63:
         raise InvalidRequestError(f"`seed` must be an integer in [0, 2^63), got {fields.seed}")
-    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=fields.seed, stop=list(fields.stop))
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=fields.seed, stop=list(fields.stop), ignore_eos=bool(fields.ignore_eos))
 
 
 def _check_text(value: str, field: str) -> None:
