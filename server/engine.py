@@ -59,7 +59,6 @@ class Chunk:
     token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
-    prompt_tokens: int = 0
 
 
 def _image_digest(image) -> str:
@@ -140,7 +139,6 @@ class Engine:
                 token_ids=list(completion.token_ids),
                 finished=out.finished,
                 finish_reason=completion.finish_reason if out.finished else None,
-                prompt_tokens=len(out.prompt_token_ids or ()),
             )
 
     # ---- LoRA (concurrent deltas) -------------------------------------------------------
@@ -174,8 +172,6 @@ class Engine:
     def errored(self) -> bool:
         return self._llm.errored
 
-    async def check_health(self) -> None:
-        await self._llm.check_health()
 
     def shutdown(self) -> None:
         llm, self._llm = self._llm, None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from deltaserve.server.bindings import BASE_STATE, BINDINGS, Binding
+from deltaserve.server.bindings import BINDINGS, Binding
 from deltaserve.server.errors import EngineBindError
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,6 @@ class ExclusiveStates:
 
     def __init__(self, engine):
         self.engine = engine
-        self.current = BASE_STATE
-        self.last_switch_s = 0.0
         self.on_unstaged = lambda state: None
         """Set by the service: tells the scheduler a state is gone (the worker reverted it if active)."""
 
@@ -37,13 +35,10 @@ class ExclusiveStates:
 
     async def switch(self, state: str) -> None:
         """The scheduler's switch: called only while no request runs in the engine."""
-        self.last_switch_s = await self.engine.worker_call("ds_activate", state)
-        self.current = state
+        await self.engine.worker_call("ds_activate", state)
 
     async def unstage(self, state: str) -> None:
         await self.engine.worker_call("ds_unstage", state)
-        if self.current == state:
-            self.current = BASE_STATE
         self.on_unstaged(state)
 
     async def live_hashes(self) -> dict[str, str]:

@@ -79,7 +79,6 @@ class PreparedRequest:
     """Decoded RGB ``PIL.Image`` or None."""
     user_text: str
     """What the user asked (last user turn, no template): the router's input."""
-    image_bytes: bytes | None = None
 
 
 def decode_image(data: bytes, config: ServeConfig):
@@ -219,5 +218,4 @@ def prepare(req: InferenceRequest, *, tokenizer, max_model_len: int, image_token
         sampling=sampling,
         image=image,
         user_text=user_text.strip(),
-        image_bytes=req.image,
     )

@@ -46,9 +46,6 @@ class DeltaWorkerExtension:
     def ds_unstage(self, state: str) -> None:
         self._ds_states().unstage(state)
 
-    def ds_current_state(self) -> str:
-        return self._ds_states().current
-
     def ds_live_hashes(self) -> dict:
         """sha256 per checkpoint tensor as the live model computes with it (see ``worker_patches.live_hashes``)."""
         from deltaserve.server.worker_patches import live_hashes
