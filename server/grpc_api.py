@@ -207,6 +207,19 @@ async def _abort(context, exc: Exception, method: str):
     await context.abort(code, str(exc) or type(exc).__name__)
 
 
+class _Health(HealthServicer):
+    """Standard health checking, answered from :attr:`DeltaService.healthy` (as HTTP ``/health``): a dead engine is NOT_SERVING."""
+
+    def __init__(self, service: DeltaService):
+        super().__init__()
+        self.service = service
+
+    async def Check(self, request, context):
+        if not self.service.healthy:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await super().Check(request, context)
+
+
 class GrpcFrontEnd:
     def __init__(self, service: DeltaService, max_message_bytes: int):
         self.server = grpc.aio.server(
@@ -219,7 +232,7 @@ class GrpcFrontEnd:
         )
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(service), self.server)
         pb_grpc.add_RegistryServicer_to_server(RegistryServicer(service), self.server)
-        self.health = HealthServicer()
+        self.health = _Health(service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server

@@ -277,7 +277,7 @@ def create_app(service: DeltaService) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if service.draining or service.engine.errored:
+        if not service.healthy:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok", "base_model": service.base_name, "deltas": len(service.registry.names())}
 

@@ -148,6 +148,11 @@ class DeltaService:
         return decision
 
     @property
+    def healthy(self) -> bool:
+        """The one health definition of both front ends: the engine is alive and the server is not draining."""
+        return not self.draining and not self.engine.errored
+
+    @property
     def inflight(self) -> int:
         return self._inflight
 

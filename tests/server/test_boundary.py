@@ -170,3 +170,37 @@ def test_abandoned_http_streams_stop_generating(server):
     assert generated <= streams * 30, f"{generated} tokens generated after {streams} disconnects (all answers: {streams * max_tokens})"
     _still_serves(server)
 
+
+
+def test_a_dead_engine_is_unhealthy_on_both_front_ends(tiny_base, tmp_path):
+    """SIGKILL the engine core: gRPC health says NOT_SERVING and HTTP /health 503 (one health definition)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from server_process import ServerProcess
+
+    srv = ServerProcess(tiny_base, tmp_path / "store")
+    try:
+        engines = [p for p in psutil.Process(srv.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert engines, [(p.pid, p.name(), p.cmdline()) for p in psutil.Process(srv.pid).children(recursive=True)]
+        for p in engines:
+            os.kill(p.pid, signal.SIGKILL)
+        deadline, grpc_status, http_status = time.time() + 60, None, None
+        with grpc.insecure_channel(srv.grpc) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.time() < deadline:
+                grpc_status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+                try:
+                    with urllib.request.urlopen(f"{srv.http}/health", timeout=10) as resp:
+                        http_status = resp.status
+                except urllib.error.HTTPError as exc:
+                    http_status = exc.code
+                if grpc_status == health_pb2.HealthCheckResponse.NOT_SERVING and http_status == 503:
+                    break
+                time.sleep(0.5)
+        assert (grpc_status, http_status) == (health_pb2.HealthCheckResponse.NOT_SERVING, 503)
+    finally:
+        srv.kill()
