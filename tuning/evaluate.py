@@ -1,7 +1,8 @@
 """Scoring: batched greedy generation, normalised exact match and token F1.
 
-``general_score`` is the mean exact match over the general (open-world) tasks' test
-splits — what fine-tuning must not destroy; downstream tasks score the expert.
+``general_score`` is the mean score over the general (open-world) tasks' test splits,
+each by the metric its ``task.json`` names (exact match, except the embedded world's
+``caption``: token F1) — what fine-tuning must not destroy; downstream tasks score the expert.
 ``token_f1`` (SQuAD-style bag-of-words F1 of the normalised answer) is reported
 beside it: partial credit for long answers such as captions.
 """
@@ -81,10 +82,15 @@ def evaluate(model, processor, samples: list[Sample] | list[Encoded], max_new_to
     return result
 
 
-def evaluate_tasks(model, processor, tasks: dict[str, list[Sample] | list[Encoded]], details: bool = False, **kwargs) -> dict:
-    """Exact match per task name; with ``details``, each task's whole :func:`evaluate` result instead."""
+def evaluate_tasks(model, processor, tasks: dict[str, list[Sample] | list[Encoded]], details: bool = False, metrics: dict[str, str] | None = None, **kwargs) -> dict:
+    """Score per task name: its metric from ``metrics`` (task name → ``"exact_match"`` or ``"token_f1"``,
+    as in ``task.json``; exact match when absent). With ``details``, each task's whole :func:`evaluate`
+    result instead, plus ``"score"``."""
+    metrics = metrics or {}
     results = {name: evaluate(model, processor, samples, **kwargs) for name, samples in sorted(tasks.items())}
-    return results if details else {name: r["exact_match"] for name, r in results.items()}
+    for name, r in results.items():
+        r["score"] = r[metrics.get(name, "exact_match")]
+    return results if details else {name: r["score"] for name, r in results.items()}
 
 
 def general_score(scores: dict[str, float]) -> float:
