@@ -81,7 +81,7 @@ def run(name: str, overrides: dict, steps: int | None, seed: int) -> dict:
         "seed": seed,
         "exact_match": meta.get("exact_match", meta["scores"]),
         "token_f1": meta["token_f1"],
-        "general_em": meta["general_score"],
+        "general": meta["general_score"],  # each task by its task.json metric (caption: token F1 since WORLD_VERSION 2)
         "final_loss": meta["final_loss"],
         "train_s": meta["seconds"]["train"],
         "total_s": round(time.perf_counter() - started, 1),
@@ -97,7 +97,7 @@ def table(records: list[dict]) -> str:
         em = r["exact_match"]
         with_f1 = {**em, "caption": r["token_f1"].get("caption", em.get("caption", 0.0))}
         row = [r["option"], r["steps"], r["seed"], *(f"{em.get(t, 0):.2f}" for t in tasks), f"{with_f1.get('caption', 0):.2f}",
-               f"{r['general_em']:.3f}", f"{sum(with_f1.values()) / len(with_f1):.3f}", f"{r['final_loss']:.3f}", f"{r['train_s']:.0f}", r.get("load_avg_5min", "–")]
+               f"{sum(em.values()) / len(em):.3f}", f"{sum(with_f1.values()) / len(with_f1):.3f}", f"{r['final_loss']:.3f}", f"{r['train_s']:.0f}", r.get("load_avg_5min", "–")]
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines)
 
