@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -164,12 +165,16 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
         world_tasks = {e.task: data.load_task(world / e.task, splits=("test",)) for e in EXPERTS}
         with DeltaClient(server.grpc) as client:
             for expert in EXPERTS:
-                click.secho(f"\n[{expert.name}] ({expert.method}, task `{expert.task}`) over gRPC", fg="cyan")
+                target = json.loads((bundles[expert.name] / "delta.json").read_text())["task"]["metrics"].get("target", float("nan"))
+                click.secho(f"\n[{expert.name}] ({expert.method}, task `{expert.task}`) over gRPC — measured test accuracy {target:.2f}", fg="cyan")
                 click.echo(f"  {'question':<34} {'gold':<10} {'base':<14} {'expert':<14} auto → (score)")
                 rows = []
-                for sample in world_tasks[expert.task]["test"][: config.questions]:
-                    prompt = _prompt(sample)
-                    kwargs = {"image": sample.image, "max_tokens": config.max_tokens, "temperature": 0.0}
+                test = world_tasks[expert.task]["test"]
+                # A fixed random draw of test questions (seeded, the same every run): not picked by outcome.
+                for sample in random.Random(f"demo\0{expert.name}").sample(test, min(config.questions, len(test))):
+                    # The user's question as a one-turn chat: the server applies the template (same tokens as training).
+                    prompt = sample.prompt
+                    kwargs = {"image": sample.image, "max_tokens": config.max_tokens, "temperature": 0.0, "chat": True}
                     base_out = client.generate(prompt, task=server.base_name, **kwargs)
                     expert_out = client.generate(prompt, task=expert.name, **kwargs)
                     auto_out = client.generate(prompt, task="auto", **kwargs)
@@ -180,7 +185,7 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
                     )
                     rows.append({"question": sample.prompt, "gold": sample.target, "base": base_out.text, "expert": expert_out.text, "auto": routing.expert, "served_by": expert_out.routing.expert})
                 shown["experts"][expert.name] = rows
-            open_world = client.generate("What is the opposite of hot?\nAnswer:", task="auto", max_tokens=config.max_tokens, temperature=0.0)
+            open_world = client.generate("Write a haiku about the sea.", task="auto", max_tokens=config.max_tokens, temperature=0.0, chat=True)
             click.echo(f"\n  open-world text → auto router: {open_world.routing.expert} — {open_world.routing.reason}")
             shown["open_world"] = open_world.routing.expert
 
@@ -221,12 +226,6 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
         if server is not None:
             server.stop()
     return shown
-
-
-def _prompt(sample) -> str:
-    from deltaserve.tuning.batching import prompt_text
-
-    return prompt_text(sample)
 
 
 def main(workdir: Path | None, tiny: bool, tune_steps: int | None) -> dict:

@@ -6,7 +6,7 @@ A task is a directory::
       task.json      {"name": "digits",
                       "description": "Read a handwritten digit ...",
                       "type": "downstream",                 # or "general" (open-world tasks of the base)
-                      "metric": "exact_match",
+                      "metric": "exact_match",                # or "token_f1"
                       "example_prompts": ["Which digit is written here?", ...]}   # used by the router
       train.jsonl    one JSON object per line (UTF-8):
       val.jsonl        {"id": "digits-train-00000", "prompt": "Which digit is written here?",
@@ -46,7 +46,8 @@ from deltaserve.tuning.errors import DataError, DataProblem
 
 SPLITS = ("train", "val", "test")
 TASK_TYPES = ("general", "downstream")
-METRICS = ("exact_match",)
+METRICS = ("exact_match", "token_f1")
+"""Scores of :mod:`deltaserve.tuning.evaluate`: normalised exact match, or bag-of-words token F1 (partial credit)."""
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 IMAGE_PLACEHOLDER = "<image>"
 

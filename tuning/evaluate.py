@@ -1,12 +1,16 @@
-"""Scoring: batched greedy generation and normalised exact match.
+"""Scoring: batched greedy generation, normalised exact match and token F1.
 
-``general_score`` is the mean exact match over the general (open-world) tasks' test
-splits — what fine-tuning must not destroy; downstream tasks score the expert.
+``general_score`` is the mean score over the general (open-world) tasks' test splits,
+each by the metric its ``task.json`` names (exact match, except the embedded world's
+``caption``: token F1) — what fine-tuning must not destroy; downstream tasks score the expert.
+``token_f1`` (SQuAD-style bag-of-words F1 of the normalised answer) is reported
+beside it: partial credit for long answers such as captions.
 """
 
 from __future__ import annotations
 
 import string
+from collections import Counter
 
 import torch
 
@@ -20,6 +24,16 @@ _ANSWER_MARGIN = 4  # tokens beyond the longest target, so "Red." still decodes 
 def normalize(text: str) -> str:
     """Strip, lower-case, collapse whitespace, drop trailing punctuation: ``" Red circle. "`` → ``"red circle"``."""
     return " ".join(text.strip().lower().split()).rstrip(_TRAILING)
+
+
+def token_f1(prediction: str, target: str) -> float:
+    """Bag-of-words F1 of the normalised strings (commas count as separators): 1.0 iff the words match as multisets."""
+    pred, gold = (normalize(t).replace(",", " ").split() for t in (prediction, target))
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if not pred or not gold or not common:
+        return float(pred == gold)
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
 
 
 @torch.no_grad()
@@ -48,27 +62,35 @@ def generate(model, processor, items: list[Encoded], max_new_tokens: int, batch_
 
 
 def evaluate(model, processor, samples: list[Sample] | list[Encoded], max_new_tokens: int | None = None, batch_size: int = 64, return_predictions: bool = False) -> dict:
-    """``{"exact_match": mean normalised exact match, "n": len(samples)}`` (+ ``"predictions"`` on request).
+    """``{"exact_match": mean normalised exact match, "token_f1": mean token F1, "n": len(samples)}``
+    (+ ``"predictions"`` on request).
 
     ``max_new_tokens`` defaults to the longest target's token count plus a margin: a longer
     answer can never match.
     """
     items = [s for s in samples if isinstance(s, Encoded)] if samples and isinstance(samples[0], Encoded) else encode(processor, samples)
     if not items:
-        return {"exact_match": 0.0, "n": 0}
+        return {"exact_match": 0.0, "token_f1": 0.0, "n": 0}
     if max_new_tokens is None:
         max_new_tokens = max(len(e.target_ids) for e in items) + _ANSWER_MARGIN
     predictions = generate(model, processor, items, max_new_tokens, batch_size)
     hits = [normalize(p) == normalize(e.sample.target) for p, e in zip(predictions, items)]
-    result = {"exact_match": sum(hits) / len(hits), "n": len(hits)}
+    f1 = [token_f1(p, e.sample.target) for p, e in zip(predictions, items)]
+    result = {"exact_match": sum(hits) / len(hits), "token_f1": sum(f1) / len(f1), "n": len(hits)}
     if return_predictions:
         result["predictions"] = predictions
     return result
 
 
-def evaluate_tasks(model, processor, tasks: dict[str, list[Sample] | list[Encoded]], **kwargs) -> dict[str, float]:
-    """Exact match per task name."""
-    return {name: evaluate(model, processor, samples, **kwargs)["exact_match"] for name, samples in sorted(tasks.items())}
+def evaluate_tasks(model, processor, tasks: dict[str, list[Sample] | list[Encoded]], details: bool = False, metrics: dict[str, str] | None = None, **kwargs) -> dict:
+    """Score per task name: its metric from ``metrics`` (task name → ``"exact_match"`` or ``"token_f1"``,
+    as in ``task.json``; exact match when absent). With ``details``, each task's whole :func:`evaluate`
+    result instead, plus ``"score"``."""
+    metrics = metrics or {}
+    results = {name: evaluate(model, processor, samples, **kwargs) for name, samples in sorted(tasks.items())}
+    for name, r in results.items():
+        r["score"] = r[metrics.get(name, "exact_match")]
+    return results if details else {name: r["score"] for name, r in results.items()}
 
 
 def general_score(scores: dict[str, float]) -> float:

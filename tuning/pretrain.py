@@ -38,10 +38,16 @@ class PretrainConfig:
     """Seeds the random initialisation and the batch order (not the data: see ``world``)."""
     steps: int = 2000
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-3
+    """Peak learning rate of every part. 3e-3 (the first default) left the vision path unused:
+    colour and position stayed at chance (see docs/base-ablation.md)."""
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.0
+    vision_lr_scale: float = 1.0
+    """Learning-rate factor of the vision tower (relative to ``lr``)."""
+    projector_lr_scale: float = 1.0
+    """Learning-rate factor of the vision→language projector."""
     initializer_range: float = 0.02
     """Init std for pretraining. The random-init base uses a wide 0.3 so that untrained outputs
     differ per prompt (see :class:`TinyBaseConfig`); trained from, that width slows learning."""
@@ -60,6 +66,7 @@ class PretrainConfig:
             weight_decay=self.weight_decay,
             seed=self.seed,
             balance_tasks=True,
+            lr_multipliers=(("model.vision_tower.", self.vision_lr_scale), ("model.multi_modal_projector.", self.projector_lr_scale)),
         )
 
     def base_config(self) -> factory.TinyBaseConfig:
@@ -119,14 +126,12 @@ def cached_base(config: PretrainConfig | None = None) -> Path | None:
     return path if (path / META_FILE).is_file() else None
 
 
-def pretrain(config: PretrainConfig | None = None, progress: bool = True) -> PretrainResult:
-    """Return the pretrained base for ``config``, training it first unless it is cached."""
-    config = config or PretrainConfig()
-    key = pretrain_key(config)
-    final = env.cache_dir() / "bases" / key[:32]
-    if (final / META_FILE).is_file():
-        return PretrainResult(final, True, json.loads((final / META_FILE).read_text()))
+def train_base(config: PretrainConfig, progress: bool = True):
+    """Initialise and train the base for ``config``, uncached: ``(model, tokenizer, processor, meta)``.
 
+    ``meta`` holds the test scores on every general task and the timings; :func:`pretrain`
+    caches the result, ``bench/base_ablation.py`` compares configurations with it.
+    """
     started = time.perf_counter()
     world_dir = cached_world(config.world, GENERAL_TASKS)
     tasks = data.load_tasks(world_dir, type="general")
@@ -139,13 +144,18 @@ def pretrain(config: PretrainConfig | None = None, progress: bool = True) -> Pre
     prepared = time.perf_counter()
     result = train.train(model, processor, items, config.train_config(), progress=progress, desc="pretrain")
     trained = time.perf_counter()
-    scores = evaluate.evaluate_tasks(model, processor, {name: task["test"] for name, task in tasks.items()})
+    metrics = {name: task.info.metric for name, task in tasks.items()}
+    details = evaluate.evaluate_tasks(model, processor, {name: task["test"] for name, task in tasks.items()}, details=True, metrics=metrics)
+    scores = {name: d["score"] for name, d in details.items()}
     meta = {
         "stage": "pretrained",
         "general_score": round(evaluate.general_score(scores), 4),
         "scores": {name: round(score, 4) for name, score in scores.items()},
+        "metrics": metrics,
+        "exact_match": {name: round(d["exact_match"], 4) for name, d in details.items()},
+        "token_f1": {name: round(d["token_f1"], 4) for name, d in details.items()},
         "data_hash": data_hash,
-        "train_hash": key,
+        "train_hash": pretrain_key(config),
         "seed": config.seed,
         "sizes": asdict(base_cfg),
         "pretrain": asdict(config),
@@ -156,7 +166,19 @@ def pretrain(config: PretrainConfig | None = None, progress: bool = True) -> Pre
             "evaluate": round(time.perf_counter() - trained, 1),
         },
     }
+    return model, tok, processor, meta
+
+
+def pretrain(config: PretrainConfig | None = None, progress: bool = True) -> PretrainResult:
+    """Return the pretrained base for ``config``, training it first unless it is cached."""
+    config = config or PretrainConfig()
+    key = pretrain_key(config)
+    final = env.cache_dir() / "bases" / key[:32]
+    if (final / META_FILE).is_file():
+        return PretrainResult(final, True, json.loads((final / META_FILE).read_text()))
+    model, tok, processor, meta = train_base(config, progress)
     with atomic_dir(final, exist_ok=True) as tmp:
         factory.save_model_dir(model, tok, processor, tmp, meta)
-        write_open_world(tmp / OPEN_WORLD_FILE, open_world_examples(tasks, OPEN_WORLD_EXAMPLES, config.seed))
+        general = data.load_tasks(cached_world(config.world, GENERAL_TASKS), type="general", splits=("train",))
+        write_open_world(tmp / OPEN_WORLD_FILE, open_world_examples(general, OPEN_WORLD_EXAMPLES, config.seed))
     return PretrainResult(final, False, json.loads((final / META_FILE).read_text()))

@@ -51,6 +51,9 @@ class TrainConfig:
     """Seeds the batch order (and torch's RNG for anything stochastic in the model)."""
     balance_tasks: bool = False
     """Draw tasks uniformly instead of samples uniformly (for multi-task data)."""
+    lr_multipliers: tuple[tuple[str, float], ...] = ()
+    """``(name prefix, factor)`` pairs: parameters whose module name starts with a prefix train at
+    ``lr * factor`` (first match wins), e.g. ``(("model.vision_tower.", 3.0),)``."""
 
 
 class TrainHooks:
@@ -90,6 +93,14 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _param_groups(params: NamedParams, config: TrainConfig) -> list[dict]:
+    factors: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in params:
+        factor = next((f for prefix, f in config.lr_multipliers if name.startswith(prefix)), 1.0)
+        factors.setdefault(factor, []).append(p)
+    return [{"params": ps, "lr": config.lr * f} for f, ps in factors.items()]
+
+
 def train(
     model: torch.nn.Module,
     processor,
@@ -109,7 +120,7 @@ def train(
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     tensors = [p for _, p in params]
-    optimizer = torch.optim.AdamW(tensors, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(params, config), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     stream = BatchStream(items, config.batch_size, seed=config.seed, balance_tasks=config.balance_tasks)
     pad_id = processor.tokenizer.pad_token_id

@@ -10,8 +10,8 @@
 2. load the base (float32), let the method set up its trainable part
    (:mod:`deltaserve.tuning.methods`; the scope is the projector + the last N decoder layers,
    vision tower frozen) and run the shared loop (:func:`deltaserve.tuning.train.train`);
-3. score the tuned model: exact match on the task's ``test`` split (*target*), mean exact
-   match on the general tasks' ``test`` splits (*general*: what tuning must not destroy),
+3. score the tuned model: exact match on the task's ``test`` split (*target*), the mean of the
+   general tasks' own metrics on their ``test`` splits (*general*: what tuning must not destroy),
    and their harmonic mean *H*;
 4. export through the method's bundle kind — written to a temporary sibling directory,
    validated against the base and renamed into place — with a handful of training prompts
@@ -193,13 +193,13 @@ def world_task_dir(name: str) -> Path:
     return cached_world(WorldConfig(), DOWNSTREAM_TASKS) / name
 
 
-def load_general(general_dir: str | Path | None) -> dict[str, list[data.Sample]]:
-    """Test splits of the general tasks under ``general_dir`` (None: the embedded world's)."""
+def load_general(general_dir: str | Path | None) -> dict[str, data.Task]:
+    """The general tasks under ``general_dir`` (None: the embedded world's), their test splits loaded."""
     root = Path(general_dir) if general_dir is not None else default_general_dir()
     tasks = data.load_tasks(root, type="general", splits=("test",))
     if not tasks:
         raise DataError([DataProblem(root, None, "no general task directory (task.json with type `general`) here")])
-    return {name: task["test"] for name, task in tasks.items()}
+    return tasks
 
 
 def task_examples(samples: list[data.Sample]) -> tuple[list, dict[str, bytes]]:
@@ -228,13 +228,15 @@ def harmonic(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
-def score(model, processor, target: list[data.Sample] | None, general: dict[str, list[data.Sample]] | None, limit: int | None) -> dict[str, float]:
-    """``target``, ``general``, ``h`` and ``general.<task>`` of ``model`` (exact match, rounded to 4 places)."""
+def score(model, processor, target: list[data.Sample] | None, general: dict[str, data.Task] | None, limit: int | None) -> dict[str, float]:
+    """``target`` (exact match), ``general`` (mean of each general task's own metric, as in its
+    ``task.json``), ``h`` and ``general.<task>`` of ``model``, rounded to 4 places."""
     metrics: dict[str, float] = {}
     if target is not None:
         metrics["target"] = evaluate.evaluate(model, processor, _limit(target, limit))["exact_match"]
     if general:
-        scores = evaluate.evaluate_tasks(model, processor, {n: _limit(s, limit) for n, s in general.items()})
+        samples = {n: _limit(t["test"], limit) for n, t in general.items()}
+        scores = evaluate.evaluate_tasks(model, processor, samples, metrics={n: t.info.metric for n, t in general.items()})
         metrics["general"] = evaluate.general_score(scores)
         metrics.update({f"general.{n}": v for n, v in scores.items()})
     if "target" in metrics and "general" in metrics:

@@ -7,8 +7,8 @@ import torch
 
 from deltaserve.tuning.batching import IGNORE_INDEX, BatchStream, collate, encode, prompt_text
 from deltaserve.tuning.data import Sample, load_task
-from deltaserve.tuning.evaluate import evaluate, general_score, normalize
-from deltaserve.tuning.train import TrainConfig, TrainHooks, lr_factor, train
+from deltaserve.tuning.evaluate import evaluate, general_score, normalize, token_f1
+from deltaserve.tuning.train import TrainConfig, TrainHooks, _param_groups, lr_factor, train
 from deltaserve.tuning.world import WorldConfig, build_world
 
 from helpers import hf_greedy
@@ -84,3 +84,17 @@ def test_normalize_and_general_score():
     assert normalize("  Red Circle. ") == "red circle"
     assert normalize("top  left!?") == "top left"
     assert general_score({"a": 1.0, "b": 0.5}) == 0.75 and general_score({}) == 0.0
+
+
+def test_token_f1_gives_partial_credit():
+    assert token_f1("Red circle top left, blue square bottom right.", "red circle top left, blue square bottom right") == 1.0
+    assert token_f1("red circle top left", "red square top left") == 0.75
+    assert token_f1("", "red circle") == 0.0 and token_f1("", "") == 1.0 and token_f1("green", "red") == 0.0
+
+
+def test_lr_multipliers_make_param_groups():
+    a, b, c = (torch.nn.Parameter(torch.zeros(1)) for _ in range(3))
+    params = [("model.vision_tower.x", a), ("model.multi_modal_projector.y", b), ("lm_head.weight", c)]
+    config = TrainConfig(lr=1e-3, lr_multipliers=(("model.vision_tower.", 3.0), ("model.multi_modal_projector.", 1.0)))
+    groups = sorted((round(g["lr"], 9), [id(p) for p in g["params"]]) for g in _param_groups(params, config))
+    assert groups == [(0.001, [id(b), id(c)]), (0.003, [id(a)])]

@@ -36,6 +36,7 @@ def test_has_general_and_two_downstream_tasks(small_world):
     assert {n for n, t in tasks.items() if t.info.type == "downstream"} == set(DOWNSTREAM_TASKS) >= {"digits", "relations"}
     assert len(GENERAL_TASKS) >= 6
     assert any(s.image is None for t in tasks.values() for s in t["train"]), "text-only general tasks exist"
+    assert {n: t.info.metric for n, t in tasks.items() if t.info.metric != "exact_match"} == {"caption": "token_f1"}
     for task in tasks.values():
         assert task.info.example_prompts
         for split in SPLITS:

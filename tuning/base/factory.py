@@ -53,6 +53,11 @@ class TinyBaseConfig:
     text_kv_heads: int = 2
     """Fewer KV heads than query heads (GQA), as in current Llama models."""
     max_positions: int = 512
+    vision_feature_layer: int = -1
+    """Which hidden state of the tower feeds the projector (-1: the last layer's output)."""
+    image_mean: tuple[float, float, float] = tuple(_CLIP_MEAN)
+    image_std: tuple[float, float, float] = tuple(_CLIP_STD)
+    """Per-channel normalisation of the image processor (CLIP's constants by default)."""
     initializer_range: float = 0.3
     """Wide on purpose: with transformers' default 0.02 a random tiny model answers every
     prompt with the same token, and equality tests between engines would pass vacuously."""
@@ -95,7 +100,7 @@ def hf_config(cfg: TinyBaseConfig, tokenizer):
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
         image_seq_length=cfg.image_tokens,
         vision_feature_select_strategy="default",  # drop CLS: 16 image tokens for 32x32 / 8
-        vision_feature_layer=-1,
+        vision_feature_layer=cfg.vision_feature_layer,
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
         initializer_range=cfg.initializer_range,
@@ -108,8 +113,8 @@ def build_processor(cfg: TinyBaseConfig, tokenizer):
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
-        image_mean=_CLIP_MEAN,
-        image_std=_CLIP_STD,
+        image_mean=list(cfg.image_mean),
+        image_std=list(cfg.image_std),
     )
     return LlavaProcessor(
         image_processor=image_processor,

@@ -27,7 +27,7 @@ from deltaserve.tuning.world import digits, general, relations, render, scene_ta
 from deltaserve.tuning.world.spec import SPLITS, TaskSpec
 from deltaserve.tuning.world.writer import write_task
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 """Bump whenever generated content changes: it is part of every cache key built on the world."""
 
 TASKS: tuple[TaskSpec, ...] = (*general.TASKS, *text.TASKS, digits.TASK, relations.TASK)

@@ -41,6 +41,8 @@ class TaskSpec:
     """``"general"`` (the base is pretrained on it) or ``"downstream"`` (the base never sees it)."""
     generate: Callable[[str, int, int], list[RawSample]]
     """``generate(split, n, seed)`` → up to ``n`` samples of ``split``, deterministic in its arguments."""
+    metric: str = "exact_match"
+    """How the task is scored (written to ``task.json``; see :data:`deltaserve.tuning.data.METRICS`)."""
 
 
 def split_of(key: str, seed: int) -> str:

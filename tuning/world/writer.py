@@ -27,7 +27,7 @@ def write_task(task_dir: Path, spec: TaskSpec, samples: dict[str, list[RawSample
         "name": spec.name,
         "description": spec.description,
         "type": spec.type,
-        "metric": "exact_match",
+        "metric": spec.metric,
         "example_prompts": _example_prompts(samples["train"]),
     }
     (task_dir / "task.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
