@@ -181,6 +181,8 @@ class TrainedRouter:
     gates: dict[str, ImageGate] = field(default_factory=dict)
     image_mean: np.ndarray | None = None
     neighbours: ImageNeighbours | None = None
+    stand_ins: dict[str, list[str]] = field(default_factory=dict)
+    """Class → the other deltas of the same task (identical examples) it stands for."""
 
 
 class AutoRouter(Router):
@@ -229,11 +231,12 @@ class AutoRouter(Router):
         tasks = [t for t in tasks if t.examples and t.name != BASE]
         if not tasks:
             return TrainedRouter(classes=[BASE])
+        tasks, stand_ins = _one_per_task(tasks)
         texts = [text for t in tasks for text, _ in t.examples] + [text for text, _ in self.open_world]
         labels = [t.name for t in tasks for _ in t.examples] + [BASE] * len(self.open_world)
         features = TextFeatures(self.embedder, self.char_weight, self.word_weight).fit(texts)
         classifier = LogisticRegression(C=self.C, class_weight="balanced", max_iter=2000).fit(features(texts), labels)
-        trained = TrainedRouter(classes=list(classifier.classes_), features=features, classifier=classifier)
+        trained = TrainedRouter(classes=list(classifier.classes_), features=features, classifier=classifier, stand_ins=stand_ins)
         if self.uses_images:
             self._fit_images(trained, tasks)
         return trained
@@ -291,7 +294,28 @@ class AutoRouter(Router):
     def route(self, query: RouteQuery) -> RouteDecision:
         evidence = self.image_evidence(query)
         scores = combine(self.text_scores([query.text])[0], evidence.ratios, self.image_weight)
-        return decide(scores, evidence.closed, self.threshold, self.name)
+        decision = decide(scores, evidence.closed, self.threshold, self.name)
+        others = self._trained.stand_ins.get(decision.expert or "")
+        if others:
+            decision.reason += f"; of the deltas for this task ({', '.join([decision.expert, *others])}) the best measured one"
+        return decision
+
+
+def _one_per_task(tasks: list[TaskCard]) -> tuple[list[TaskCard], dict[str, list[str]]]:
+    """Deltas whose examples are identical serve the same task and cannot be told apart by a request:
+    keep one class per task — the delta with the best measured target score (then the name) —
+    and remember the others. Without this, two experts of one task split its probability and
+    neither reaches the threshold."""
+    groups: dict[tuple, list[TaskCard]] = {}
+    for t in tasks:
+        groups.setdefault(tuple(sorted(text for text, _ in t.examples)), []).append(t)
+    kept, stand_ins = [], {}
+    for members in groups.values():
+        members.sort(key=lambda t: (-(t.target if t.target is not None else -1.0), t.name))
+        kept.append(members[0])
+        if len(members) > 1:
+            stand_ins[members[0].name] = [t.name for t in members[1:]]
+    return kept, stand_ins
 
 
 @dataclass

@@ -57,6 +57,8 @@ class TaskCard:
     description: str
     examples: list[tuple[str, Any]]
     """(text, image or None) pairs; images as decoded RGB ``PIL.Image``."""
+    target: float | None = None
+    """The delta's measured score on its task (manifest ``task.metrics.target``), if recorded."""
 
 
 class Router(ABC):

@@ -246,7 +246,7 @@ def task_card(delta: LiveDelta) -> TaskCard:
             with Image.open(delta.path / ex.image) as img:
                 image = img.convert("RGB")
         examples.append((ex.text, image))
-    return TaskCard(delta.name, delta.kind, delta.manifest.task.description, examples)
+    return TaskCard(delta.name, delta.kind, delta.manifest.task.description, examples, delta.manifest.task.metrics.get("target"))
 
 
 async def _base_only_switch(state: str) -> None:

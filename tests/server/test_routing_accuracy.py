@@ -12,6 +12,7 @@ targets (hand-written: task recall ≥ 0.90, open world ≥ 0.95; held-out phras
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -120,3 +121,13 @@ def test_install_swaps_the_whole_task_set_at_once(tiny_base, cards, open_world):
 def test_server_package_does_not_import_tuning():
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "server").rglob("*.py") if re.search(r"^\s*(from|import)\s+deltaserve\.tuning", p.read_text(), re.M)]
     assert not offenders, f"server/ must not import deltaserve.tuning: {offenders}"
+
+
+def test_two_deltas_of_one_task_route_to_the_better_one(world, cards, open_world, tiny_base):
+    """The demo registers two digits experts with the same examples: they must not split the task's probability."""
+    digits = next(c for c in cards if c.name == "digits")
+    twins = [replace(digits, name="digits-a", target=0.4), replace(digits, name="digits-b", target=0.9)]
+    router = E.make_router(tiny_base, [*twins, *(c for c in cards if c.name != "digits")], {"open_world": str(open_world)})
+    text, image = digits.examples[0]
+    decision = router.route(RouteQuery(text, image))
+    assert decision.expert == "digits-b" and "digits-a" in decision.reason, decision
