@@ -62,14 +62,15 @@ BASE_OPEN_WORLD_FILE = "deltaserve-open-world.json"
 """In a base model directory: ``{"examples": [prompt, ...]}`` — the base's own general tasks."""
 
 DEFAULTS: dict[str, str] = {
-    # Chosen on the tuning world's validation split (held-out phrasings) by bench/routing.py's
-    # grid: best min(task recall, open-world precision), ties to the earlier grid point.
+    # Chosen on the tuning world's validation split (held-out phrasings), with the pretrained
+    # default base's vision tower, by bench/routing.py's grid: best min(task recall, open-world
+    # precision), ties to the earlier grid point (docs/routing-results.md).
     "embedder": "none",
-    "C": "10",
+    "C": "1",
     "char_weight": "0.5",
     "word_weight": "0.5",
-    "image_weight": "1.0",
-    "threshold": "0.7",
+    "image_weight": "0.5",
+    "threshold": "0.6",
     # Not searched.
     "image_gate": "on",
     "gate_slack": "0.1",
