@@ -216,6 +216,8 @@ class AutoRouter(Router):
         self.open_world = read_open_world(base_dir, opt["open_world"])
         self._base_dir = base_dir
         self._vision: VisionEncoder | None = None
+        self._open_world_images: np.ndarray | None = None
+        """Features of the open world's example images: they never change, so computed once."""
         self._trained = TrainedRouter(classes=[BASE])
 
     # ---- training (registration time) -------------------------------------------
@@ -246,12 +248,15 @@ class AutoRouter(Router):
         self._trained = prepared
 
     def _fit_images(self, trained: TrainedRouter, tasks: list[TaskCard]) -> None:
-        labelled = [(t.name, img) for t in tasks for _, img in t.examples if img is not None]
-        labelled += [(BASE, img) for _, img in self.open_world if img is not None]
-        if not labelled:
+        task_images = [(t.name, img) for t in tasks for _, img in t.examples if img is not None]
+        base_images = [img for _, img in self.open_world if img is not None]
+        if not task_images and not base_images:
             return
-        labels = np.array([name for name, _ in labelled])
-        raw = self._image_features([img for _, img in labelled])  # [n, d]
+        if self._open_world_images is None and base_images:
+            self._open_world_images = self._image_features(base_images)
+        labels = np.array([name for name, _ in task_images] + [BASE] * len(base_images))
+        blocks = [self._image_features([img for _, img in task_images])] if task_images else []
+        raw = np.concatenate(blocks + ([self._open_world_images] if base_images else []))  # [n, d]
         trained.image_mean = raw.mean(0)
         centred = unit(raw - trained.image_mean)
         trained.neighbours = ImageNeighbours(centred, labels)
