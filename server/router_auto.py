@@ -45,6 +45,7 @@ The defaults were chosen on the tuning world's *validation* phrasings
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,11 +136,41 @@ class TextFeatures:
         blocks = []
         if self.embedder is not None:
             blocks.append(sparse.csr_matrix(self.embedder(texts)))  # [n, dim], unit rows
-        if self.ngrams is not None:
-            blocks.append(self.ngrams.transform(texts) * self.char_weight)  # [n, vocab], unit rows × weight
-        if self.words is not None:
-            blocks.append(self.words.transform(texts) * self.word_weight)  # [n, word vocab]: word order's connectors
+        for vectorizer, weight in ((self.ngrams, self.char_weight), (self.words, self.word_weight)):
+            if vectorizer is not None:  # char n-grams [n, vocab]; word 1-2-grams: connectors such as "relative to"
+                rows = tfidf_row(vectorizer, texts[0]) if len(texts) == 1 else vectorizer.transform(texts)
+                blocks.append(rows * weight)
         return sparse.hstack(blocks, format="csr")
+
+
+def tfidf_row(vectorizer, text: str):
+    """``vectorizer.transform([text])`` of a fitted TfidfVectorizer (l2 norm), without sklearn's per-call
+    validation — ≈ 1 ms of the ≈ 3 ms a routing decision took (equality is tested)."""
+    from scipy import sparse
+
+    vocabulary, idf = vectorizer.vocabulary_, vectorizer.idf_
+    counts = Counter(vocabulary[t] for t in vectorizer.build_analyzer()(text) if t in vocabulary)
+    if not counts:
+        return sparse.csr_matrix((1, len(idf)))
+    columns = np.fromiter(counts.keys(), dtype=np.int64)
+    tf = np.fromiter(counts.values(), dtype=np.float64)
+    if vectorizer.sublinear_tf:
+        tf = 1.0 + np.log(tf)
+    values = tf * idf[columns]
+    values /= np.linalg.norm(values)
+    order = np.argsort(columns)
+    return sparse.csr_matrix((values[order], columns[order], [0, len(columns)]), shape=(1, len(idf)))
+
+
+def probabilities(classifier, X) -> np.ndarray:
+    """``classifier.predict_proba(X)`` of a fitted LogisticRegression, computed directly (no per-call validation)."""
+    z = np.asarray(X @ classifier.coef_.T) + classifier.intercept_  # [n, classes] (binary: [n, 1])
+    if z.shape[1] == 1:
+        p = 1.0 / (1.0 + np.exp(-z[:, 0]))
+        return np.stack([1.0 - p, p], axis=1)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -275,7 +306,7 @@ class AutoRouter(Router):
         trained = self._trained
         if trained.classifier is None:
             return [{BASE: 1.0} for _ in texts]
-        probs = trained.classifier.predict_proba(trained.features(texts))  # [n, classes]
+        probs = probabilities(trained.classifier, trained.features(texts))  # [n, classes]
         return [{c: float(p) for c, p in zip(trained.classes, row, strict=True)} for row in probs]
 
     def image_evidence(self, query: RouteQuery) -> ImageEvidence:

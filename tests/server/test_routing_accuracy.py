@@ -133,3 +133,24 @@ def test_two_deltas_of_one_task_route_to_the_better_one(world, cards, open_world
     text, image = digits.examples[0]
     decision = router.route(RouteQuery(text, image))
     assert decision.expert == "digits-b" and "digits-a" in decision.reason, decision
+
+
+def test_fast_paths_equal_sklearn(router, world):
+    """The per-request TF-IDF row and probabilities equal sklearn's own transform / predict_proba."""
+    from deltaserve.server.router_auto import probabilities, tfidf_row
+
+    trained = router._trained
+    texts = [q.query.text for q in E.split_queries(*world, "test", limit=3)] + ["zzzz qqq", "Où est le carré rouge ?"]
+    for vectorizer in (trained.features.ngrams, trained.features.words):
+        for text in texts:
+            assert abs(tfidf_row(vectorizer, text) - vectorizer.transform([text])).max() < 1e-12, text
+    X = trained.features(texts)
+    assert abs(probabilities(trained.classifier, X) - trained.classifier.predict_proba(X)).max() < 1e-9
+
+
+def test_fast_probabilities_equal_sklearn_for_one_task(tiny_base, cards, open_world):
+    from deltaserve.server.router_auto import probabilities
+
+    binary = E.make_router(tiny_base, cards[:1], {"open_world": str(open_world)})._trained  # two classes: a sigmoid in sklearn
+    X = binary.features(["Which digit is written here?", "Tell me a joke."])
+    assert abs(probabilities(binary.classifier, X) - binary.classifier.predict_proba(X)).max() < 1e-9
