@@ -198,6 +198,22 @@ def test_cli_list_generate_metrics(server, lora_task):
     assert "lora-a" in summary.stdout and "registered deltas:" in summary.stdout
 
 
+def test_cli_route_shows_the_decision_without_generating(server, lora_task):
+    before = _scrape(server)
+    auto = cli("route", "--server", server.grpc, "--json", "Tell me a joke.")
+    assert auto.returncode == 0, auto.stderr
+    decision = json.loads(auto.stdout)
+    assert decision["router"] == "auto" and decision["expert"] == server.base_name and decision["reason"]
+    assert decision["scores"].get("base", 0) > 0.5 or "no task" in decision["reason"]
+    named = cli("route", "--server", server.grpc, "--task", "lora-a", "What colour is the circle?")
+    assert named.returncode == 0 and "[lora-a via explicit" in named.stdout, named.stderr
+    unknown = cli("route", "--server", server.grpc, "--task", "no-such-task", "Hi")
+    assert unknown.returncode != 0 and "no-such-task" in unknown.stderr
+    after = _scrape(server)
+    generated = [k for k in after if k[0] == "deltaserve_generated_tokens_total"]
+    assert all(after[k] == before.get(k) for k in generated), "route must not generate"
+
+
 # ---- bad input: a clear error, nothing changes, the server keeps serving ------------------
 
 
