@@ -65,6 +65,9 @@ class _Body(BaseModel):
     """Extension (as in vLLM's server): add the generated token ids to the choice."""
     ignore_eos: bool = False
     """Extension (as in vLLM's server): generate ``max_tokens`` even past end-of-sequence."""
+    request_id: str | None = None
+    """Extension (as in vLLM's server): the request's id (also accepted as the ``X-Request-Id``
+    header); echoed in the response ``id`` and the ``x-request-id`` header."""
 
     def sampling(self) -> SamplingFields:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -192,6 +195,10 @@ def _usage(routed: Routed, completion: int) -> dict:
     return {"prompt_tokens": routed.prompt_tokens, "completion_tokens": completion, "total_tokens": routed.prompt_tokens + completion}
 
 
+def _request_id(body: _Body, request: Request) -> str | None:
+    return body.request_id or request.headers.get("x-request-id") or None
+
+
 async def _while_connected(request: Request, events: AsyncIterator) -> AsyncIterator:
     """``events`` while the HTTP client is still there; once it has gone, close them — which aborts
     the engine request (vLLM aborts a generation whose iteration is closed) within a token or two.
@@ -311,11 +318,11 @@ def create_app(service: DeltaService) -> FastAPI:
         if len(prompts) != 1 or not isinstance(prompts[0], str):
             raise InvalidRequestError("`prompt` must be one string (batches: send one request each)")
         image = _decode_image_url(body.image, "image") if body.image else None
-        req = InferenceRequest(prompt=prompts[0], image=image, task=body.model, sampling=body.sampling(), api="http")
+        req = InferenceRequest(prompt=prompts[0], image=image, task=body.model, sampling=body.sampling(), request_id=_request_id(body, request), api="http")
         routed, events = await _start(req)
         events = _while_connected(request, events)
         rid = f"cmpl-{routed.request_id}"
-        headers = {"x-deltaserve-expert": routed.expert}
+        headers = {"x-deltaserve-expert": routed.expert, "x-request-id": routed.request_id}
         if body.stream:
 
             async def stream():
@@ -345,11 +352,11 @@ def create_app(service: DeltaService) -> FastAPI:
     async def chat_completions(body: ChatBody, request: Request):
         body.check_unsupported("logprobs", "top_logprobs", "tools", "tool_choice", "functions")
         messages, image = _chat_messages(body.messages)
-        req = InferenceRequest(messages=messages, image=image, task=body.model, sampling=body.sampling(), chat=True, api="http")
+        req = InferenceRequest(messages=messages, image=image, task=body.model, sampling=body.sampling(), chat=True, request_id=_request_id(body, request), api="http")
         routed, events = await _start(req)
         events = _while_connected(request, events)
         rid = f"chatcmpl-{routed.request_id}"
-        headers = {"x-deltaserve-expert": routed.expert}
+        headers = {"x-deltaserve-expert": routed.expert, "x-request-id": routed.request_id}
         if body.stream:
 
             async def stream():

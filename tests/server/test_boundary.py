@@ -204,3 +204,15 @@ def test_a_dead_engine_is_unhealthy_on_both_front_ends(tiny_base, tmp_path):
         assert (grpc_status, http_status) == (health_pb2.HealthCheckResponse.NOT_SERVING, 503)
     finally:
         srv.kill()
+
+
+def test_http_request_id_from_body_or_header_is_echoed_and_validated(server):
+    body = {"model": server.base_name, "prompt": "Hi", "max_tokens": 2}
+    req = urllib.request.Request(f"{server.http}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json", "X-Request-Id": "trace-42"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["x-request-id"] == "trace-42" and json.loads(resp.read())["id"] == "cmpl-trace-42"
+    chat = {"model": server.base_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "request_id": "mine.1"}
+    status, payload = _http(f"{server.http}/v1/chat/completions", json.dumps(chat).encode(), token=None)
+    assert status == 200 and payload["id"] == "chatcmpl-mine.1", payload
+    status, payload = _http(f"{server.http}/v1/completions", json.dumps({**body, "request_id": "bad id/with slash"}).encode(), token=None)
+    assert status == 400 and "request_id" in payload["error"]["message"], payload
