@@ -88,13 +88,16 @@ def generate_request(
     stop: list[str] | None = None,
     chat: bool = False,
     request_id: str | None = None,
+    messages: list[dict[str, str]] | None = None,
 ) -> pb.GenerateRequest:
+    """``messages`` (``{"role", "content"}`` dicts) send a whole conversation instead of ``prompt``."""
     sampling = pb.SamplingParams(stop=stop or [])
     for field, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if value is not None:
             setattr(sampling, field, value)
+    turns = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
     return pb.GenerateRequest(
-        prompt=prompt, image=image_bytes(image), task=task or "", sampling=sampling, request_id=request_id or "", chat=chat
+        prompt=prompt, image=image_bytes(image), task=task or "", sampling=sampling, request_id=request_id or "", chat=chat, messages=turns
     )
 
 

@@ -49,7 +49,13 @@ def _inference_request(msg: pb.GenerateRequest) -> InferenceRequest:
         stop=list(s.stop),
         ignore_eos=s.ignore_eos,
     )
+    messages = None
+    if msg.messages:
+        messages = [{"role": m.role, "content": m.content} for m in msg.messages]
+        if msg.image and messages[-1]["role"] == "user":
+            messages[-1]["content"] = [{"type": "image"}, {"type": "text", "text": messages[-1]["content"]}]
     return InferenceRequest(
+        messages=messages,
         prompt=msg.prompt,
         image=msg.image or None,
         task=msg.task or None,

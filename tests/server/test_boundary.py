@@ -216,3 +216,21 @@ def test_http_request_id_from_body_or_header_is_echoed_and_validated(server):
     assert status == 200 and payload["id"] == "chatcmpl-mine.1", payload
     status, payload = _http(f"{server.http}/v1/completions", json.dumps({**body, "request_id": "bad id/with slash"}).encode(), token=None)
     assert status == 400 and "request_id" in payload["error"]["message"], payload
+
+
+def test_grpc_multi_turn_chat_equals_http_chat(server):
+    from deltaserve.client.sync import DeltaClient
+
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "four"},
+        {"role": "user", "content": "And three plus three?"},
+    ]
+    with DeltaClient(server.grpc) as client:
+        out = client.generate("", messages=messages, task=server.base_name, max_tokens=6, temperature=0, request_id="grpc-chat-1")
+    assert out.request_id == "grpc-chat-1"
+    body = {"model": server.base_name, "messages": messages, "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    status, payload = _http(f"{server.http}/v1/chat/completions", json.dumps(body).encode(), token=None)
+    assert status == 200 and payload["usage"]["prompt_tokens"] == out.prompt_tokens, (payload, out)
+    assert payload["choices"][0]["message"]["content"] == out.text
