@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,13 @@ class Generation:
     routing: Routing
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[tuple[str, float]]
+    """(token, log-probability) per generated token when ``logprobs`` was asked for; else empty."""
 
     @classmethod
     def from_pb(cls, r: pb.GenerateResponse) -> Generation:
-        return cls(r.request_id, r.text, list(r.token_ids), r.finish_reason, Routing.from_pb(r.routing), r.usage.prompt_tokens, r.usage.completion_tokens)
+        logprobs = [(e.token, e.logprob) for e in r.logprobs]
+        return cls(r.request_id, r.text, list(r.token_ids), r.finish_reason, Routing.from_pb(r.routing), r.usage.prompt_tokens, r.usage.completion_tokens, logprobs)
 
 
 def image_bytes(image: Any) -> bytes:
@@ -75,29 +79,36 @@ def image_bytes(image: Any) -> bytes:
     return buf.getvalue()
 
 
+SAMPLING_FIELDS = frozenset(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
+"""Keyword arguments :func:`generate_request` takes as sampling parameters (``SamplingParams`` in the proto)."""
+
+
 def generate_request(
     prompt: str,
     *,
     image: Any = None,
     task: str | None = None,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    stop: list[str] | None = None,
     chat: bool = False,
     request_id: str | None = None,
     messages: list[dict[str, str]] | None = None,
+    **sampling: Any,
 ) -> pb.GenerateRequest:
-    """``messages`` (``{"role", "content"}`` dicts) send a whole conversation instead of ``prompt``."""
-    sampling = pb.SamplingParams(stop=stop or [])
-    for field, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
-        if value is not None:
-            setattr(sampling, field, value)
+    """``messages`` (``{"role", "content"}`` dicts) send a whole conversation instead of ``prompt``.
+
+    ``sampling``: fields of the proto's ``SamplingParams`` — ``max_tokens``, ``temperature``,
+    ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``ignore_eos``, ``min_tokens``, the
+    presence/frequency/repetition penalties, ``logprobs``, ``json_schema`` (a dict or JSON text),
+    ``json_object``; None means unset (the server's default).
+    """
+    unknown = sorted(set(sampling) - SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {sorted(SAMPLING_FIELDS)}")
+    if isinstance(sampling.get("json_schema"), dict):
+        sampling["json_schema"] = json.dumps(sampling["json_schema"])
+    params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
     turns = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
     return pb.GenerateRequest(
-        prompt=prompt, image=image_bytes(image), task=task or "", sampling=sampling, request_id=request_id or "", chat=chat, messages=turns
+        prompt=prompt, image=image_bytes(image), task=task or "", sampling=params, request_id=request_id or "", chat=chat, messages=turns
     )
 
 

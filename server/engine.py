@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltaserve.server.config import EngineConfig
+from deltaserve.server.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,19 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     """Generate ``max_tokens`` even past end-of-sequence (benchmarks: fixed-length outputs)."""
+    n: int = 1
+    """Completions per request (each its own ``Chunk.index``)."""
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logprobs: int | None = None
+    """Return the sampled token's log-probability and this many alternatives per token (None: off)."""
+    json_schema: dict | None = None
+    """Constrain the output to JSON matching this schema (structured output)."""
+    json_object: bool = False
+    """Constrain the output to some JSON object."""
 
 
 @dataclass
@@ -58,7 +72,23 @@ class Chunk:
     text: str
     token_ids: list[int]
     finished: bool
+    """This completion (``index``) is complete."""
     finish_reason: str | None = None
+    index: int = 0
+    """Which of the request's ``n`` completions."""
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per token of ``token_ids`` when the request asked for log-probabilities."""
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability and the most likely alternatives at its position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+    """(token id, text, log-probability), most likely first."""
 
 
 def _image_digest(image) -> str:
@@ -67,6 +97,34 @@ def _image_digest(image) -> str:
     h = hashlib.sha256(f"{image.mode}:{image.size}".encode())
     h.update(image.tobytes())
     return h.hexdigest()
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it will not take: the request's fault, not the server's."""
+    from vllm.exceptions import VLLMValidationError
+
+    return (ValueError, VLLMValidationError)
+
+
+def _structured(sampling: Sampling):
+    if sampling.json_schema is None and not sampling.json_object:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if sampling.json_schema is not None:
+        return StructuredOutputsParams(json=sampling.json_schema)
+    return StructuredOutputsParams(json_object=True)
+
+
+def _token_logprobs(completion, k: int) -> list[TokenLogprob]:
+    """vLLM's per-position ``{token_id: Logprob}`` maps (the sampled token and the ``k`` most
+    likely) → :class:`TokenLogprob` with the alternatives ordered by rank."""
+    out = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or []):
+        chosen = position[token_id]
+        top = sorted((lp.rank, tid, lp.decoded_token or "", lp.logprob) for tid, lp in position.items() if lp.rank is not None and lp.rank <= k)
+        out.append(TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, [(tid, tok, lp) for _, tid, tok, lp in top]))
+    return out
 
 
 class Engine:
@@ -112,19 +170,10 @@ class Engine:
 
     async def generate(self, inp: GenerationInput) -> AsyncIterator[Chunk]:
         """Stream the request's output. Cancelling the iteration aborts the request in vLLM."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        params = SamplingParams(
-            max_tokens=inp.sampling.max_tokens,
-            temperature=inp.sampling.temperature,
-            top_p=inp.sampling.top_p,
-            top_k=inp.sampling.top_k,
-            seed=inp.sampling.seed,
-            stop=inp.sampling.stop or None,
-            ignore_eos=inp.sampling.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            params = self._params(inp.sampling)
+        except _refusals() as exc:  # vLLM's own checks of combinations deltaserve does not check itself
+            raise InvalidRequestError(f"the engine refused the sampling parameters: {exc}") from None
         prompt: dict[str, Any] = {"prompt_token_ids": inp.prompt_token_ids}
         if inp.image is not None:
             prompt["multi_modal_data"] = {"image": inp.image}
@@ -132,14 +181,52 @@ class Engine:
             prompt["cache_salt"] = inp.cache_salt
             if inp.image is not None:
                 prompt["multi_modal_uuids"] = {"image": [f"{inp.cache_salt}:{_image_digest(inp.image)}"]}
-        async for out in self._llm.generate(prompt, params, inp.request_id, lora_request=inp.lora):
-            completion = out.outputs[0]
-            yield Chunk(
-                text=completion.text,
-                token_ids=list(completion.token_ids),
-                finished=out.finished,
-                finish_reason=completion.finish_reason if out.finished else None,
-            )
+        outputs = self._llm.generate(prompt, params, inp.request_id, lora_request=inp.lora)
+        try:
+            try:
+                out = await anext(outputs)
+            except _refusals() as exc:  # vLLM's input validation (e.g. a JSON schema its grammar backend rejects)
+                raise InvalidRequestError(f"the engine refused the request: {exc}") from None
+            while True:
+                for completion in out.outputs:
+                    done = completion.finish_reason is not None
+                    yield Chunk(
+                        text=completion.text,
+                        token_ids=list(completion.token_ids),
+                        finished=done,
+                        finish_reason=completion.finish_reason if done else None,
+                        index=completion.index,
+                        logprobs=_token_logprobs(completion, inp.sampling.logprobs) if inp.sampling.logprobs is not None else None,
+                    )
+                out = await anext(outputs, None)
+                if out is None:
+                    return
+        finally:
+            await outputs.aclose()  # aborts the request in vLLM if it is still running
+
+    @staticmethod
+    def _params(sampling: Sampling):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            stop=sampling.stop or None,
+            ignore_eos=sampling.ignore_eos,
+            n=sampling.n,
+            min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            min_tokens=sampling.min_tokens,
+            logprobs=sampling.logprobs,
+            structured_outputs=_structured(sampling),
+            output_kind=RequestOutputKind.DELTA,
+        )
 
     # ---- LoRA (concurrent deltas) -------------------------------------------------------
 

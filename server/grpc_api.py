@@ -7,6 +7,7 @@ servicers only translate messages.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import grpc
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from deltaserve.plugins.errors import DeltaServeError
 from deltaserve.plugins.registry import get_kind
+from deltaserve.server.engine import TokenLogprob
 from deltaserve.server.errors import InvalidRequestError, status_of
 from deltaserve.server.registry import LiveDelta
 from deltaserve.server.requests import InferenceRequest, SamplingFields
@@ -48,6 +50,13 @@ def _inference_request(msg: pb.GenerateRequest) -> InferenceRequest:
         seed=s.seed if s.HasField("seed") else None,
         stop=list(s.stop),
         ignore_eos=s.ignore_eos,
+        min_p=s.min_p if s.HasField("min_p") else None,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else None,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+        min_tokens=s.min_tokens if s.HasField("min_tokens") else None,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+        response_format=_response_format(s),
     )
     messages = None
     if msg.messages:
@@ -64,6 +73,26 @@ def _inference_request(msg: pb.GenerateRequest) -> InferenceRequest:
         chat=msg.chat,
         api="grpc",
     )
+
+
+def _response_format(s: pb.SamplingParams) -> dict | None:
+    """The proto's structured-output fields in OpenAI's ``response_format`` shape (validated in one place)."""
+    if s.json_schema and s.json_object:
+        raise InvalidRequestError("give at most one of `json_schema` and `json_object`")
+    if s.json_schema:
+        try:
+            schema = json.loads(s.json_schema)
+        except ValueError as exc:
+            raise InvalidRequestError(f"`json_schema` is not valid JSON: {exc}") from None
+        return {"type": "json_schema", "json_schema": {"schema": schema}}
+    return {"type": "json_object"} if s.json_object else None
+
+
+def _logprobs(entries: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(token_id=e.token_id, token=e.token, logprob=e.logprob, top=[pb.TopLogprob(token_id=t, token=tok, logprob=lp) for t, tok, lp in e.top])
+        for e in entries or ()
+    ]
 
 
 def _routing(routed: Routed) -> pb.Routing:
@@ -91,23 +120,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.service = service
 
     async def Generate(self, request, context):
-        text, ids, finish, routed, completion = [], [], "", None, 0
+        text, ids, logprobs, finish, routed = [], [], [], "", None
         async for event in self.service.generate(_inference_request(request)):
             if isinstance(event, Routed):
                 routed = event
                 continue
             text.append(event.text)
             ids.extend(event.token_ids)
+            logprobs.extend(_logprobs(event.logprobs))
             if event.finished:
                 finish = event.finish_reason or ""
-        completion = len(ids)
         return pb.GenerateResponse(
             request_id=routed.request_id,
             text="".join(text),
             token_ids=ids,
             finish_reason=finish,
             routing=_routing(routed),
-            usage=pb.Usage(prompt_tokens=routed.prompt_tokens, completion_tokens=completion),
+            usage=pb.Usage(prompt_tokens=routed.prompt_tokens, completion_tokens=len(ids)),
+            logprobs=logprobs,
         )
 
     async def Route(self, request, context):
@@ -121,7 +151,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield pb.GenerateChunk(request_id=event.request_id, routing=_routing(event))
                 continue
             completion += len(event.token_ids)
-            chunk = pb.GenerateChunk(request_id=routed.request_id, text=event.text, token_ids=event.token_ids)
+            chunk = pb.GenerateChunk(request_id=routed.request_id, text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
             if event.finished:
                 chunk.finish_reason = event.finish_reason or ""
                 chunk.usage.CopyFrom(pb.Usage(prompt_tokens=routed.prompt_tokens, completion_tokens=completion))

@@ -10,8 +10,17 @@ Compatibility notes (what an OpenAI client sees):
 - Images: chat content parts ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,…"}}``.
   Only ``data:`` URLs — the server never fetches remote URLs. ``/v1/completions``
   accepts an extension field ``image`` (a data URL or plain base64).
-- ``n`` must be 1; ``logprobs``, ``echo``, ``suffix``, ``best_of`` > 1 and tools are
-  refused with 400 rather than silently ignored.
+- Sampling: everything vLLM's server takes that applies to this model — ``n``, ``stop``,
+  ``seed``, ``top_p``/``top_k``/``min_p``, presence/frequency/repetition penalties,
+  ``logprobs``/``top_logprobs``, ``max_completion_tokens``, ``response_format`` (``json_object``,
+  ``json_schema``: structured output), ``stream_options.include_usage``, and vLLM's extensions
+  ``ignore_eos``, ``min_tokens``, ``return_token_ids``, ``request_id``. ``echo``, ``suffix``,
+  ``best_of``, ``logit_bias`` and tools are refused with 400 rather than silently ignored.
+- ``top_logprobs`` (chat) / ``logprobs`` (completions) list the most likely tokens at each
+  position, as OpenAI defines them; vLLM's server lists the sampled token first, which differs
+  only when the sampled token is not the most likely (never under greedy decoding).
+- Streaming: the first event carries ``routing``; usage only with ``stream_options.include_usage``
+  (a last event with empty ``choices``, as OpenAI sends it).
 - Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; a
   malformed body is 400 (not FastAPI's 422).
 """
@@ -39,6 +48,7 @@ from deltaserve.plugins.registry import get_kind
 from deltaserve.server.errors import InvalidRequestError, status_of
 from deltaserve.server.registry import LiveDelta
 from deltaserve.server.requests import InferenceRequest, SamplingFields
+from deltaserve.server.engine import Chunk, TokenLogprob
 from deltaserve.server.service import AUTO, DeltaService, Routed
 
 # ---- request bodies -----------------------------------------------------------------
@@ -65,6 +75,16 @@ class _Body(BaseModel):
     """Extension (as in vLLM's server): add the generated token ids to the choice."""
     ignore_eos: bool = False
     """Extension (as in vLLM's server): generate ``max_tokens`` even past end-of-sequence."""
+    min_tokens: int | None = None
+    """Extension (as in vLLM's server): generate at least this many tokens."""
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    """Extension (as in vLLM's server)."""
+    response_format: dict[str, Any] | None = None
+    stream_options: dict[str, Any] | None = None
+    """``{"include_usage": true}``: a last chunk with empty ``choices`` carries the usage."""
     request_id: str | None = None
     """Extension (as in vLLM's server): the request's id (also accepted as the ``X-Request-Id``
     header); echoed in the response ``id`` and the ``x-request-id`` header."""
@@ -79,15 +99,26 @@ class _Body(BaseModel):
             seed=self.seed,
             stop=stop,
             ignore_eos=self.ignore_eos,
+            n=self.n,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            logprobs=self.logprob_count(),
+            response_format=self.response_format,
         )
 
+    def logprob_count(self) -> int | None:
+        return None
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
     def check_unsupported(self, *fields: str) -> None:
-        if self.n != 1:
-            raise InvalidRequestError("`n` must be 1")
         extra = self.model_extra or {}
         for name in fields:
-            value = extra.get(name)
-            if value not in (None, False, 0, 1) or (name in ("logprobs", "top_logprobs") and value not in (None, False)):
+            if extra.get(name) not in (None, False, 0, 1, [], ""):
                 raise InvalidRequestError(f"`{name}` is not supported by deltaserve")
 
 
@@ -95,10 +126,22 @@ class CompletionBody(_Body):
     prompt: str | list[str]
     image: str | None = None
     """Extension: one image as a data URL or plain base64."""
+    logprobs: int | None = None
+    """Alternatives per token to return with log-probabilities (0: the sampled token's only)."""
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class ChatBody(_Body):
     messages: list[dict[str, Any]] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("`top_logprobs` needs `logprobs: true`")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class RegisterBody(BaseModel):
@@ -199,6 +242,16 @@ def _request_id(body: _Body, request: Request) -> str | None:
     return body.request_id or request.headers.get("x-request-id") or None
 
 
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    try:
+        if first is not None:
+            yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
 async def _while_connected(request: Request, events: AsyncIterator) -> AsyncIterator:
     """``events`` while the HTTP client is still there; once it has gone, close them — which aborts
     the engine request (vLLM aborts a generation whose iteration is closed) within a token or two.
@@ -215,14 +268,77 @@ async def _while_connected(request: Request, events: AsyncIterator) -> AsyncIter
         await events.aclose()
 
 
-async def _collect(events) -> tuple[str, list[int], str | None]:
-    text, ids, finish = [], [], None
-    async for chunk in events:
-        text.append(chunk.text)
-        ids.extend(chunk.token_ids)
+LOGPROB_FLOOR = -9999.0
+"""JSON has no -inf: a log-probability below this is sent as this (as vLLM's server does)."""
+
+
+class _Collected:
+    """One choice's output, gathered from its chunks (non-streaming answers)."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None
+        self.finish: str | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.text.append(chunk.text)
+        self.ids.extend(chunk.token_ids)
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + chunk.logprobs
         if chunk.finished:
-            finish = chunk.finish_reason
-    return "".join(text), ids, finish
+            self.finish = chunk.finish_reason
+
+
+def _choice_json(index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, *, chat: bool, stream: bool, offset: int) -> dict:
+    """One entry of ``choices``: a chat message (or its delta when streaming) or a completion text;
+    ``offset``: where ``text`` starts in the whole answer (completions' ``text_offset``)."""
+    if chat:
+        content = ({"content": text} if text else {}) if stream else {"message": {"role": "assistant", "content": text}}
+        lp = None if logprobs is None else {"content": [_chat_logprob(e) for e in logprobs]}
+        return {"index": index, **({"delta": content} if stream else content), "logprobs": lp, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": None if logprobs is None else _completion_logprobs(logprobs, offset), "finish_reason": finish}
+
+
+def _chat_logprob(e: TokenLogprob) -> dict:
+    top = [{"token": tok, "logprob": max(lp, LOGPROB_FLOOR), "bytes": list(tok.encode())} for _, tok, lp in e.top]
+    return {"token": e.token, "logprob": max(e.logprob, LOGPROB_FLOOR), "bytes": list(e.token.encode()), "top_logprobs": top}
+
+
+def _completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+    out: dict[str, list] = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+    for e in entries:
+        out["text_offset"].append(offset)
+        offset += len(e.token)
+        out["tokens"].append(e.token)
+        out["token_logprobs"].append(max(e.logprob, LOGPROB_FLOOR))
+        out["top_logprobs"].append({tok: max(lp, LOGPROB_FLOOR) for _, tok, lp in e.top})
+    return out
+
+
+async def _stream(routed: Routed, events: AsyncIterator[Chunk], head: dict, n: int, *, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events as OpenAI's API sends them; the first event also carries ``routing``,
+    the last (with ``stream_options.include_usage``) has no choices and the usage."""
+    if chat:
+        head = {**head, "object": "chat.completion.chunk"}
+        for index in range(n):
+            first = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            yield _sse({**head, "choices": [first], **({"routing": _routing_json(routed)} if index == 0 else {})})
+    offsets = [0] * n
+    completion = 0
+    routed_sent = chat
+    async for chunk in events:
+        completion += len(chunk.token_ids)
+        choice = _choice_json(chunk.index, chunk.text, chunk.logprobs, chunk.finish_reason if chunk.finished else None, chat=chat, stream=True, offset=offsets[chunk.index])
+        offsets[chunk.index] += len(chunk.text)
+        payload = {**head, "choices": [choice]}
+        if not routed_sent:
+            payload["routing"] = _routing_json(routed)
+            routed_sent = True
+        yield _sse(payload)
+    if include_usage:
+        yield _sse({**head, "choices": [], "usage": _usage(routed, completion)})
+    yield _sse("[DONE]")
 
 
 def error_response(exc: Exception) -> JSONResponse:
@@ -305,84 +421,57 @@ def create_app(service: DeltaService) -> FastAPI:
         return {"object": "list", "data": data}
 
     async def _start(req: InferenceRequest) -> tuple[Routed, AsyncIterator]:
-        """Run the request up to its routing decision, so errors surface before any byte is sent."""
+        """Run the request up to its first output, so that every refusal (validation, routing, the
+        engine's own checks such as a JSON schema its grammar backend rejects) is an error
+        response, never a broken stream."""
         events = service.generate(req)
-        first = await anext(events)
-        assert isinstance(first, Routed)
-        return first, events
+        routed = await anext(events)
+        assert isinstance(routed, Routed)
+        try:
+            first = await anext(events, None)
+        except BaseException:
+            await events.aclose()
+            raise
+        return routed, _prepend(first, events)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        body.check_unsupported("logprobs", "echo", "suffix", "best_of", "tools")
+        body.check_unsupported("echo", "suffix", "best_of", "tools", "logit_bias")
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if len(prompts) != 1 or not isinstance(prompts[0], str):
             raise InvalidRequestError("`prompt` must be one string (batches: send one request each)")
         image = _decode_image_url(body.image, "image") if body.image else None
         req = InferenceRequest(prompt=prompts[0], image=image, task=body.model, sampling=body.sampling(), request_id=_request_id(body, request), api="http")
-        routed, events = await _start(req)
-        events = _while_connected(request, events)
-        rid = f"cmpl-{routed.request_id}"
-        headers = {"x-deltaserve-expert": routed.expert, "x-request-id": routed.request_id}
-        if body.stream:
-
-            async def stream():
-                completion = 0
-                async for chunk in events:
-                    completion += len(chunk.token_ids)
-                    choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason if chunk.finished else None}
-                    payload = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": routed.expert, "choices": [choice]}
-                    if chunk.finished:
-                        payload["usage"] = _usage(routed, completion)
-                        payload["routing"] = _routing_json(routed)
-                    yield _sse(payload)
-                yield _sse("[DONE]")
-
-            return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
-        text, ids, finish = await _collect(events)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        if body.return_token_ids:
-            choice["token_ids"] = ids
-        return JSONResponse(
-            {"id": rid, "object": "text_completion", "created": int(time.time()), "model": routed.expert, "choices": [choice],
-             "usage": _usage(routed, len(ids)), "routing": _routing_json(routed)},
-            headers=headers,
-        )
+        return await _respond(req, body, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
-        body.check_unsupported("logprobs", "top_logprobs", "tools", "tool_choice", "functions")
+        body.check_unsupported("tools", "tool_choice", "functions", "logit_bias")
         messages, image = _chat_messages(body.messages)
         req = InferenceRequest(messages=messages, image=image, task=body.model, sampling=body.sampling(), chat=True, request_id=_request_id(body, request), api="http")
+        return await _respond(req, body, request, chat=True)
+
+    async def _respond(req: InferenceRequest, body: _Body, request: Request, *, chat: bool):
+        """Run ``req`` and answer in OpenAI's shape: one JSON object, or server-sent events when ``stream``."""
         routed, events = await _start(req)
         events = _while_connected(request, events)
-        rid = f"chatcmpl-{routed.request_id}"
+        prefix, obj = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+        head = {"id": f"{prefix}-{routed.request_id}", "object": obj, "created": int(time.time()), "model": routed.expert}
         headers = {"x-deltaserve-expert": routed.expert, "x-request-id": routed.request_id}
+        n = req.sampling.n or 1
         if body.stream:
-
-            async def stream():
-                base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": routed.expert}
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-                completion = 0
-                async for chunk in events:
-                    completion += len(chunk.token_ids)
-                    choice = {"index": 0, "delta": {"content": chunk.text} if chunk.text else {}, "finish_reason": chunk.finish_reason if chunk.finished else None}
-                    payload = {**base, "choices": [choice]}
-                    if chunk.finished:
-                        payload["usage"] = _usage(routed, completion)
-                        payload["routing"] = _routing_json(routed)
-                    yield _sse(payload)
-                yield _sse("[DONE]")
-
-            return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
-        text, ids, finish = await _collect(events)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        if body.return_token_ids:
-            choice["token_ids"] = ids
-        return JSONResponse(
-            {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": routed.expert, "choices": [choice],
-             "usage": _usage(routed, len(ids)), "routing": _routing_json(routed)},
-            headers=headers,
-        )
+            return StreamingResponse(_stream(routed, events, head, n, chat=chat, include_usage=body.include_usage()), media_type="text/event-stream", headers=headers)
+        collected = [_Collected() for _ in range(n)]
+        async for chunk in events:
+            collected[chunk.index].add(chunk)
+        choices = []
+        for index, c in enumerate(collected):
+            choice = _choice_json(index, "".join(c.text), c.logprobs, c.finish, chat=chat, stream=False, offset=0)
+            if body.return_token_ids:
+                choice["token_ids"] = c.ids
+            choices.append(choice)
+        usage = _usage(routed, sum(len(c.ids) for c in collected))
+        return JSONResponse({**head, "choices": choices, "usage": usage, "routing": _routing_json(routed)}, headers=headers)
 
     # ---- admin ------------------------------------------------------------------
 

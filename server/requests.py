@@ -16,6 +16,7 @@ placeholder to the image's feature tokens.
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 import uuid
@@ -30,6 +31,9 @@ from deltaserve.server.errors import InvalidRequestError
 IMAGE_PLACEHOLDER = "<image>"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_STOP_STRINGS = 4
+MAX_N = 8
+MAX_LOGPROBS = 20
+MAX_SCHEMA_BYTES = 64 * 1024
 
 
 @dataclass
@@ -44,6 +48,17 @@ class SamplingFields:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     """vLLM's extension: generate ``max_tokens`` even past end-of-sequence (fixed-length answers for benchmarks)."""
+    n: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    logprobs: int | None = None
+    """Alternatives per generated token to return with their log-probabilities (0: only the
+    sampled token's); None: no log-probabilities."""
+    response_format: dict[str, Any] | None = None
+    """OpenAI's ``response_format``: ``{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": …}}``."""
 
 
 @dataclass
@@ -133,7 +148,57 @@ def _sampling(fields: SamplingFields, prompt_tokens: int, max_model_len: int, co
         _check_text(s, f"stop[{i}]")
     if fields.seed is not None and not 0 <= fields.seed < 2**63:
         raise InvalidRequestError(f"`seed` must be an integer in [0, 2^63), got {fields.seed}")
-    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=fields.seed, stop=list(fields.stop), ignore_eos=bool(fields.ignore_eos))
+    n = 1 if fields.n is None else fields.n
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequestError(f"`n` must be within [1, {MAX_N}], got {n}")
+    if n > 1 and temperature == 0.0:
+        raise InvalidRequestError(f"`n` must be 1 with greedy sampling (`temperature` 0), got {n}")
+    min_p = _ranged(fields.min_p, "min_p", 0.0, 0.0, 1.0)
+    presence = _ranged(fields.presence_penalty, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _ranged(fields.frequency_penalty, "frequency_penalty", 0.0, -2.0, 2.0)
+    repetition = _ranged(fields.repetition_penalty, "repetition_penalty", 1.0, 0.0, 2.0)
+    if repetition <= 0.0:
+        raise InvalidRequestError(f"`repetition_penalty` must be within (0, 2], got {fields.repetition_penalty}")
+    min_tokens = 0 if fields.min_tokens is None else fields.min_tokens
+    if not 0 <= min_tokens <= max_tokens:
+        raise InvalidRequestError(f"`min_tokens` must be within [0, max_tokens = {max_tokens}], got {min_tokens}")
+    if fields.logprobs is not None and not 0 <= fields.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequestError(f"`top_logprobs` / `logprobs` must be within [0, {MAX_LOGPROBS}], got {fields.logprobs}")
+    json_schema, json_object = _response_format(fields.response_format)
+    return Sampling(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=fields.seed, stop=list(fields.stop),
+        ignore_eos=bool(fields.ignore_eos), n=n, min_p=min_p, presence_penalty=presence, frequency_penalty=frequency,
+        repetition_penalty=repetition, min_tokens=min_tokens, logprobs=fields.logprobs, json_schema=json_schema, json_object=json_object,
+    )
+
+
+def _ranged(value: float | None, name: str, default: float, low: float, high: float) -> float:
+    if value is None:
+        return default
+    value = float(value)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidRequestError(f"`{name}` must be within [{low:g}, {high:g}], got {value}")
+    return value
+
+
+def _response_format(fmt: dict[str, Any] | None) -> tuple[dict | None, bool]:
+    """OpenAI ``response_format`` → (JSON schema, any-JSON-object flag)."""
+    if fmt is None:
+        return None, False
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None, False
+    if kind == "json_object":
+        return None, True
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("`response_format.json_schema.schema` must be a JSON schema object")
+        if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+            raise InvalidRequestError(f"`response_format.json_schema.schema` is larger than {MAX_SCHEMA_BYTES} bytes")
+        return schema, False
+    raise InvalidRequestError("`response_format.type` must be `text`, `json_object` or `json_schema`")
 
 
 def _check_text(value: str, field: str) -> None:

@@ -103,12 +103,14 @@ class DeltaService:
                         binding.lora_request() if binding else None,
                         cache_salt=None if state == BASE_STATE else state,
                     )
-                    async for chunk in self.engine.generate(inp):
-                        if first and chunk.token_ids:
-                            metrics.TTFT.labels(task_label).observe(time.perf_counter() - started)
-                            first = False
-                        generated += len(chunk.token_ids)
-                        yield chunk
+                    # aclosing: a closed request (client gone) aborts in the engine at once, not when the GC finds the iterator
+                    async with contextlib.aclosing(self.engine.generate(inp)) as chunks:
+                        async for chunk in chunks:
+                            if first and chunk.token_ids:
+                                metrics.TTFT.labels(task_label).observe(time.perf_counter() - started)
+                                first = False
+                            generated += len(chunk.token_ids)
+                            yield chunk
             metrics.GENERATED_TOKENS.labels(task_label).inc(generated)
             metrics.PROMPT_TOKENS.labels(task_label).inc(prep.prompt_tokens)
             metrics.REQUEST_LATENCY.labels(task_label).observe(time.perf_counter() - started)

@@ -163,11 +163,15 @@ def test_abandoned_http_streams_stop_generating(server):
     for conn in conns:
         conn.sock.close()  # the users go away
         conn.close()
-    time.sleep(3.0)  # anything still running would keep counting meanwhile
-    generated = _vllm_generated_tokens(server) - before
-    print(f"{generated:.0f} tokens generated for {streams} abandoned streams of {max_tokens}")
-    # Before the fix: 1,161 and 1,340 tokens in two runs (Starlette noticed the closed sockets only on a failed write).
-    assert generated <= streams * 30, f"{generated} tokens generated after {streams} disconnects (all answers: {streams * max_tokens})"
+    at_close = _vllm_generated_tokens(server)
+    time.sleep(3.0)  # anything still running keeps counting meanwhile (400 tokens take longer than that)
+    after = _vllm_generated_tokens(server)
+    print(f"{after - before:.0f} tokens generated for {streams} abandoned streams of {max_tokens}, {after - at_close:.0f} after the disconnects")
+    # Before the fix: 1,161 and 1,340 tokens in two runs (Starlette noticed the closed sockets only on a failed write);
+    # with the engine's iterator left to the garbage collector, 4,000 (all) in a run after other tests.
+    # Counted from the disconnects: what was generated while the client read its first chunks depends on the machine.
+    assert after - at_close <= streams * 10, f"{after - at_close} tokens generated after {streams} disconnects (all answers: {streams * max_tokens})"
+    assert after - before < streams * max_tokens / 2
     _still_serves(server)
 
 
