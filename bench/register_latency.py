@@ -5,7 +5,9 @@
 Starts `deltaserve serve` on a random-init tiny base (child process), then per kind registers a fresh
 delta over gRPC and times until the first token of a streamed request to it arrives.
 """
-import statistics, sys, tempfile, time
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
 def main():

