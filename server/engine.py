@@ -59,6 +59,8 @@ class GenerationInput:
     sampling: Sampling
     image: Any = None  # PIL.Image.Image | None
     lora: Any = None  # vllm.lora.request.LoRARequest | None
+    stream: bool = True
+    """Chunks per engine step (vLLM's DELTA outputs); False: one final chunk per choice (FINAL_ONLY)."""
     cache_salt: str | None = None
     """Engine state the request runs in, when it is not the base state. Salts vLLM's prefix
     cache (KV blocks) and keys the image's encoder-cache entry, so that cached work computed
@@ -171,7 +173,7 @@ class Engine:
     async def generate(self, inp: GenerationInput) -> AsyncIterator[Chunk]:
         """Stream the request's output. Cancelling the iteration aborts the request in vLLM."""
         try:
-            params = self._params(inp.sampling)
+            params = self._params(inp.sampling, inp.stream)
         except _refusals() as exc:  # vLLM's own checks of combinations deltaserve does not check itself
             raise InvalidRequestError(f"the engine refused the sampling parameters: {exc}") from None
         prompt: dict[str, Any] = {"prompt_token_ids": inp.prompt_token_ids}
@@ -205,7 +207,7 @@ class Engine:
             await outputs.aclose()  # aborts the request in vLLM if it is still running
 
     @staticmethod
-    def _params(sampling: Sampling):
+    def _params(sampling: Sampling, stream: bool = True):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -225,7 +227,7 @@ class Engine:
             min_tokens=sampling.min_tokens,
             logprobs=sampling.logprobs,
             structured_outputs=_structured(sampling),
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
 
     # ---- LoRA (concurrent deltas) -------------------------------------------------------

@@ -40,7 +40,7 @@ def _token(context) -> str | None:
     return None
 
 
-def _inference_request(msg: pb.GenerateRequest) -> InferenceRequest:
+def _inference_request(msg: pb.GenerateRequest, *, stream: bool = True) -> InferenceRequest:
     s = msg.sampling
     sampling = SamplingFields(
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
@@ -71,6 +71,7 @@ def _inference_request(msg: pb.GenerateRequest) -> InferenceRequest:
         sampling=sampling,
         request_id=msg.request_id or None,
         chat=msg.chat,
+        stream=stream,
         api="grpc",
     )
 
@@ -121,7 +122,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Generate(self, request, context):
         text, ids, logprobs, finish, routed = [], [], [], "", None
-        async for event in self.service.generate(_inference_request(request)):
+        async for event in self.service.generate(_inference_request(request, stream=False)):
             if isinstance(event, Routed):
                 routed = event
                 continue

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import time
@@ -252,19 +253,47 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
         await rest.aclose()
 
 
-async def _while_connected(request: Request, events: AsyncIterator) -> AsyncIterator:
-    """``events`` while the HTTP client is still there; once it has gone, close them — which aborts
-    the engine request (vLLM aborts a generation whose iteration is closed) within a token or two.
+async def _while_connected(request: Request, events: AsyncIterator, *, stream: bool) -> AsyncIterator:
+    """``events`` while the HTTP client is still there; once it has gone, stop — which aborts the
+    engine request within a token or two.
 
-    Starlette notices a vanished client only when a write fails, which the kernel's socket
-    buffer delays by hundreds of tokens: asking ``is_disconnected()`` per chunk does not wait.
+    A watcher task waits for the server's ``http.disconnect`` message (the body has been read: the
+    next message can only be that one). Starlette itself notices a vanished client only when a
+    write fails, which the kernel's socket buffer delays by hundreds of tokens; asking
+    ``request.is_disconnected()`` per chunk instead took a quarter of the event loop's time under
+    load (an anyio cancel scope per call, measured with py-spy). A stream checks the watcher's
+    flag per chunk; a non-streaming request (one final chunk per choice) waits for its output or
+    the watcher, whichever comes first, and cancels the generation when the client has gone.
     """
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
     try:
-        async for event in events:
-            if await request.is_disconnected():
+        if stream:
+            async for event in events:
+                if gone.is_set():
+                    return
+                yield event
+            return
+        while True:
+            step = asyncio.ensure_future(anext(events, None))
+            await asyncio.wait((step, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():  # the client left first
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await step
+                return
+            event = step.result()
+            if event is None:
                 return
             yield event
     finally:
+        watcher.cancel()
         await events.aclose()
 
 
@@ -421,12 +450,14 @@ def create_app(service: DeltaService) -> FastAPI:
         return {"object": "list", "data": data}
 
     async def _start(req: InferenceRequest) -> tuple[Routed, AsyncIterator]:
-        """Run the request up to its first output, so that every refusal (validation, routing, the
-        engine's own checks such as a JSON schema its grammar backend rejects) is an error
-        response, never a broken stream."""
+        """Run the request up to its routing decision and, for a stream, its first output, so that
+        every refusal (validation, routing, the engine's own checks such as a JSON schema its
+        grammar backend rejects) is an error response, never a broken stream."""
         events = service.generate(req)
         routed = await anext(events)
         assert isinstance(routed, Routed)
+        if not req.stream:
+            return routed, events
         try:
             first = await anext(events, None)
         except BaseException:
@@ -441,20 +472,20 @@ def create_app(service: DeltaService) -> FastAPI:
         if len(prompts) != 1 or not isinstance(prompts[0], str):
             raise InvalidRequestError("`prompt` must be one string (batches: send one request each)")
         image = _decode_image_url(body.image, "image") if body.image else None
-        req = InferenceRequest(prompt=prompts[0], image=image, task=body.model, sampling=body.sampling(), request_id=_request_id(body, request), api="http")
+        req = InferenceRequest(prompt=prompts[0], image=image, task=body.model, sampling=body.sampling(), request_id=_request_id(body, request), stream=body.stream, api="http")
         return await _respond(req, body, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
         body.check_unsupported("tools", "tool_choice", "functions", "logit_bias")
         messages, image = _chat_messages(body.messages)
-        req = InferenceRequest(messages=messages, image=image, task=body.model, sampling=body.sampling(), chat=True, request_id=_request_id(body, request), api="http")
+        req = InferenceRequest(messages=messages, image=image, task=body.model, sampling=body.sampling(), chat=True, request_id=_request_id(body, request), stream=body.stream, api="http")
         return await _respond(req, body, request, chat=True)
 
     async def _respond(req: InferenceRequest, body: _Body, request: Request, *, chat: bool):
         """Run ``req`` and answer in OpenAI's shape: one JSON object, or server-sent events when ``stream``."""
         routed, events = await _start(req)
-        events = _while_connected(request, events)
+        events = _while_connected(request, events, stream=body.stream)
         prefix, obj = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         head = {"id": f"{prefix}-{routed.request_id}", "object": obj, "created": int(time.time()), "model": routed.expert}
         headers = {"x-deltaserve-expert": routed.expert, "x-request-id": routed.request_id}

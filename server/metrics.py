@@ -17,7 +17,7 @@ REQUESTS = Counter("deltaserve_requests", "Inference requests by task and outcom
 REQUEST_LATENCY = Histogram(
     "deltaserve_request_latency_seconds", "End-to-end latency of successful requests.", ["task"], buckets=_LATENCY_BUCKETS
 )
-TTFT = Histogram("deltaserve_time_to_first_token_seconds", "Time to first generated token.", ["task"], buckets=_LATENCY_BUCKETS)
+TTFT = Histogram("deltaserve_time_to_first_token_seconds", "Time to first generated token of streamed requests (a non-streamed answer arrives whole; vLLM's own vllm:time_to_first_token_seconds counts every request).", ["task"], buckets=_LATENCY_BUCKETS)
 GENERATED_TOKENS = Counter("deltaserve_generated_tokens", "Generated tokens by task.", ["task"])
 PROMPT_TOKENS = Counter("deltaserve_prompt_tokens", "Prompt tokens (image tokens included) by task.", ["task"])
 DELTAS = Gauge("deltaserve_registered_deltas", "Registered deltas by kind.", ["kind"])

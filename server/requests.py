@@ -77,6 +77,9 @@ class InferenceRequest:
     """Apply the chat template to ``prompt`` as one user turn."""
     messages: list[dict[str, Any]] | None = None
     """Chat messages (``{"role", "content"}``; content a string or text/image parts); implies ``chat``."""
+    stream: bool = True
+    """The caller wants output as it is generated; False: the whole answer at once (the engine
+    then hands over one final output per choice instead of one per token)."""
     api: str = "grpc"
     """Which front end sent it (a metrics label)."""
 

@@ -101,12 +101,13 @@ class DeltaService:
                         prep.sampling,
                         prep.image,
                         binding.lora_request() if binding else None,
+                        stream=req.stream,
                         cache_salt=None if state == BASE_STATE else state,
                     )
                     # aclosing: a closed request (client gone) aborts in the engine at once, not when the GC finds the iterator
                     async with contextlib.aclosing(self.engine.generate(inp)) as chunks:
                         async for chunk in chunks:
-                            if first and chunk.token_ids:
+                            if first and chunk.token_ids and req.stream:
                                 metrics.TTFT.labels(task_label).observe(time.perf_counter() - started)
                                 first = False
                             generated += len(chunk.token_ids)

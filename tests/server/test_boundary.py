@@ -141,6 +141,38 @@ def _vllm_generated_tokens(server) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:generation_tokens_total"))
 
 
+def test_abandoned_non_streaming_requests_stop_generating(server):
+    """10 non-streaming requests for 400 tokens, the clients gone while they generate: the engine stops
+    (a non-streamed answer arrives whole, so only the server's disconnect watcher can notice)."""
+    import http.client
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(server.http)
+    streams, max_tokens = 10, 400
+    before = _vllm_generated_tokens(server)
+    conns = []
+    for i in range(streams):
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        body = {"model": server.base_name, "prompt": f"Tell me a long tale number {i}.", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        conns.append(conn)
+    deadline = time.monotonic() + 60
+    while _vllm_generated_tokens(server) - before < streams and time.monotonic() < deadline:
+        time.sleep(0.05)  # until generation runs
+    for conn in conns:
+        conn.sock.close()
+        conn.close()
+    time.sleep(0.5)  # the server notices the closed sockets
+    at_close = _vllm_generated_tokens(server)
+    time.sleep(3.0)
+    after = _vllm_generated_tokens(server)
+    print(f"{after - before:.0f} tokens for {streams} abandoned requests of {max_tokens}, {after - at_close:.0f} after the disconnects")
+    assert after - at_close <= streams * 10, f"{after - at_close} tokens generated after {streams} disconnects"
+    assert after - before < streams * max_tokens / 2
+    _still_serves(server)
+
+
 def test_abandoned_http_streams_stop_generating(server):
     """10 concurrent streams of 400-token answers, all dropped after their first chunk: the engine stops within a few tokens."""
     import http.client
