@@ -121,36 +121,28 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.service = service
 
     async def Generate(self, request, context):
-        text, ids, logprobs, finish, routed = [], [], [], "", None
-        async for event in self.service.generate(_inference_request(request, stream=False)):
-            if isinstance(event, Routed):
-                routed = event
-                continue
-            text.append(event.text)
-            ids.extend(event.token_ids)
-            logprobs.extend(_logprobs(event.logprobs))
-            if event.finished:
-                finish = event.finish_reason or ""
+        generation = await self.service.submit(_inference_request(request, stream=False))
+        routed = generation.routed
+        (choice,) = await generation.collect()
         return pb.GenerateResponse(
             request_id=routed.request_id,
-            text="".join(text),
-            token_ids=ids,
-            finish_reason=finish,
+            text=choice.text,
+            token_ids=choice.token_ids,
+            finish_reason=choice.finish_reason or "",
             routing=_routing(routed),
-            usage=pb.Usage(prompt_tokens=routed.prompt_tokens, completion_tokens=len(ids)),
-            logprobs=logprobs,
+            usage=pb.Usage(prompt_tokens=routed.prompt_tokens, completion_tokens=len(choice.token_ids)),
+            logprobs=_logprobs(choice.logprobs),
         )
 
     async def Route(self, request, context):
         return _routing(await self.service.route(_inference_request(request)))
 
     async def GenerateStream(self, request, context):
-        routed, completion = None, 0
-        async for event in self.service.generate(_inference_request(request)):
-            if isinstance(event, Routed):
-                routed = event
-                yield pb.GenerateChunk(request_id=event.request_id, routing=_routing(event))
-                continue
+        generation = await self.service.submit(_inference_request(request))
+        routed = generation.routed
+        yield pb.GenerateChunk(request_id=routed.request_id, routing=_routing(routed))
+        completion = 0
+        async for event in generation:
             completion += len(event.token_ids)
             chunk = pb.GenerateChunk(request_id=routed.request_id, text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
             if event.finished:
@@ -173,10 +165,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         return pb.UnregisterResponse(name=request.name)
 
     async def List(self, request, context):
-        return pb.ListResponse(base_model=self.service.base_name, deltas=[delta_info(d) for d in self.service.registry.list()])
+        return pb.ListResponse(base_model=self.service.base_name, deltas=[delta_info(d) for d in self.service.deltas()])
 
     async def Get(self, request, context):
-        return delta_info(self.service.registry.get(request.name))
+        return delta_info(self.service.delta(request.name))
 
 
 class _Undecodable:

@@ -243,16 +243,6 @@ def _request_id(body: _Body, request: Request) -> str | None:
     return body.request_id or request.headers.get("x-request-id") or None
 
 
-async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
-    try:
-        if first is not None:
-            yield first
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()
-
-
 async def _while_connected(request: Request, events: AsyncIterator, *, stream: bool) -> AsyncIterator:
     """``events`` while the HTTP client is still there; once it has gone, stop — which aborts the
     engine request within a token or two.
@@ -299,24 +289,6 @@ async def _while_connected(request: Request, events: AsyncIterator, *, stream: b
 
 LOGPROB_FLOOR = -9999.0
 """JSON has no -inf: a log-probability below this is sent as this (as vLLM's server does)."""
-
-
-class _Collected:
-    """One choice's output, gathered from its chunks (non-streaming answers)."""
-
-    def __init__(self):
-        self.text: list[str] = []
-        self.ids: list[int] = []
-        self.logprobs: list[TokenLogprob] | None = None
-        self.finish: str | None = None
-
-    def add(self, chunk: Chunk) -> None:
-        self.text.append(chunk.text)
-        self.ids.extend(chunk.token_ids)
-        if chunk.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + chunk.logprobs
-        if chunk.finished:
-            self.finish = chunk.finish_reason
 
 
 def _choice_json(index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, *, chat: bool, stream: bool, offset: int) -> dict:
@@ -431,7 +403,7 @@ def create_app(service: DeltaService) -> FastAPI:
     async def health():
         if not service.healthy:
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return {"status": "ok", "base_model": service.base_name, "deltas": len(service.registry.names())}
+        return {"status": "ok", "base_model": service.base_name, "deltas": len(service.deltas())}
 
     @app.get("/metrics")
     async def metrics_endpoint():
@@ -440,7 +412,7 @@ def create_app(service: DeltaService) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         data = [{"id": service.base_name, "object": "model", "created": created, "owned_by": "deltaserve", "root": service.base_name, "parent": None}]
-        for d in service.registry.list():
+        for d in service.deltas():
             data.append(
                 {"id": d.name, "object": "model", "created": int(d.registered_at), "owned_by": "deltaserve", "root": service.base_name,
                  "parent": service.base_name, "kind": d.kind, "description": d.manifest.task.description}
@@ -448,22 +420,6 @@ def create_app(service: DeltaService) -> FastAPI:
         data.append({"id": AUTO, "object": "model", "created": created, "owned_by": "deltaserve", "root": service.base_name,
                      "parent": None, "description": "automatic routing to a task expert or the base model"})
         return {"object": "list", "data": data}
-
-    async def _start(req: InferenceRequest) -> tuple[Routed, AsyncIterator]:
-        """Run the request up to its routing decision and, for a stream, its first output, so that
-        every refusal (validation, routing, the engine's own checks such as a JSON schema its
-        grammar backend rejects) is an error response, never a broken stream."""
-        events = service.generate(req)
-        routed = await anext(events)
-        assert isinstance(routed, Routed)
-        if not req.stream:
-            return routed, events
-        try:
-            first = await anext(events, None)
-        except BaseException:
-            await events.aclose()
-            raise
-        return routed, _prepend(first, events)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -484,24 +440,22 @@ def create_app(service: DeltaService) -> FastAPI:
 
     async def _respond(req: InferenceRequest, body: _Body, request: Request, *, chat: bool):
         """Run ``req`` and answer in OpenAI's shape: one JSON object, or server-sent events when ``stream``."""
-        routed, events = await _start(req)
-        events = _while_connected(request, events, stream=body.stream)
+        generation = await service.submit(req)
+        routed = generation.routed
+        events = _while_connected(request, aiter(generation), stream=body.stream)
         prefix, obj = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         head = {"id": f"{prefix}-{routed.request_id}", "object": obj, "created": int(time.time()), "model": routed.expert}
         headers = {"x-deltaserve-expert": routed.expert, "x-request-id": routed.request_id}
-        n = req.sampling.n or 1
         if body.stream:
-            return StreamingResponse(_stream(routed, events, head, n, chat=chat, include_usage=body.include_usage()), media_type="text/event-stream", headers=headers)
-        collected = [_Collected() for _ in range(n)]
-        async for chunk in events:
-            collected[chunk.index].add(chunk)
+            return StreamingResponse(_stream(routed, events, head, generation.n, chat=chat, include_usage=body.include_usage()), media_type="text/event-stream", headers=headers)
         choices = []
-        for index, c in enumerate(collected):
-            choice = _choice_json(index, "".join(c.text), c.logprobs, c.finish, chat=chat, stream=False, offset=0)
+        collected = await generation.collect(events)
+        for c in collected:
+            choice = _choice_json(c.index, c.text, c.logprobs, c.finish_reason, chat=chat, stream=False, offset=0)
             if body.return_token_ids:
-                choice["token_ids"] = c.ids
+                choice["token_ids"] = c.token_ids
             choices.append(choice)
-        usage = _usage(routed, sum(len(c.ids) for c in collected))
+        usage = _usage(routed, sum(len(c.token_ids) for c in collected))
         return JSONResponse({**head, "choices": choices, "usage": usage, "routing": _routing_json(routed)}, headers=headers)
 
     # ---- admin ------------------------------------------------------------------
@@ -509,12 +463,7 @@ def create_app(service: DeltaService) -> FastAPI:
     @app.get("/v1/engine")
     async def engine_state():
         """What the engine holds right now: its state and the LoRA adapters loaded in vLLM."""
-        return {
-            "state": service.scheduler.current,
-            "state_switches": service.scheduler.switches,
-            "lora_adapter_ids": sorted(await service.engine.list_loras()) if service.engine.config.enable_lora else [],
-            "inflight": service.inflight,
-        }
+        return await service.engine_state()
 
     @app.post("/v1/engine/verify")
     async def verify_engine(request: Request):
@@ -523,11 +472,11 @@ def create_app(service: DeltaService) -> FastAPI:
 
     @app.get("/v1/deltas")
     async def list_deltas():
-        return {"base_model": service.base_name, "deltas": [delta_json(d) for d in service.registry.list()]}
+        return {"base_model": service.base_name, "deltas": [delta_json(d) for d in service.deltas()]}
 
     @app.get("/v1/deltas/{name}")
     async def get_delta(name: str):
-        return delta_json(service.registry.get(name))
+        return delta_json(service.delta(name))
 
     @app.post("/v1/deltas")
     async def register_delta(body: RegisterBody, request: Request):

@@ -20,7 +20,7 @@ from pathlib import Path
 from deltaserve.server import metrics
 from deltaserve.server.bindings import BASE_STATE
 from deltaserve.server.config import ServeConfig
-from deltaserve.server.engine import Chunk, Engine, GenerationInput
+from deltaserve.server.engine import Chunk, Engine, GenerationInput, TokenLogprob
 from deltaserve.server.errors import InvalidRequestError, NotFoundError, UnauthenticatedError, UnavailableError
 from deltaserve.server.registry import DeltaRegistry, LiveDelta
 from deltaserve.server.requests import InferenceRequest, PreparedRequest, prepare
@@ -42,6 +42,61 @@ class Routed:
     """Task name, or the base model's name."""
     decision: RouteDecision
     prompt_tokens: int
+
+
+@dataclass
+class Choice:
+    """One whole completion of a request (``n`` of them per request)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Generation:
+    """A request past validation and routing: its decision (:attr:`routed`), then its output,
+    either streamed (``async for chunk in generation``) or whole (:meth:`collect`).
+
+    Both front ends get one from :meth:`DeltaService.submit`; they translate it into their wire
+    format and nothing else. Closing it (or leaving the ``async for`` early) aborts the request in
+    the engine.
+    """
+
+    def __init__(self, routed: Routed, events: AsyncIterator[Chunk], n: int, first: Chunk | None = None):
+        self.routed = routed
+        self.n = n
+        self._events = events
+        self._first = first
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        try:
+            if self._first is not None:
+                yield self._first
+            async for chunk in self._events:
+                yield chunk
+        finally:
+            await self._events.aclose()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def collect(self, chunks: AsyncIterator[Chunk] | None = None) -> list[Choice]:
+        """Every choice whole (``chunks``: this generation's chunks through a wrapper, e.g. a disconnect watcher)."""
+        choices = [Choice(i, "", [], None) for i in range(self.n)]
+        texts: list[list[str]] = [[] for _ in range(self.n)]
+        async for chunk in chunks if chunks is not None else self:
+            c = choices[chunk.index]
+            texts[chunk.index].append(chunk.text)
+            c.token_ids.extend(chunk.token_ids)
+            if chunk.logprobs is not None:
+                c.logprobs = (c.logprobs or []) + chunk.logprobs
+            if chunk.finished:
+                c.finish_reason = chunk.finish_reason
+        for c, text in zip(choices, texts):
+            c.text = "".join(text)
+        return choices
 
 
 class DeltaService:
@@ -67,7 +122,7 @@ class DeltaService:
 
     # ---- inference ------------------------------------------------------------------
 
-    async def generate(self, req: InferenceRequest) -> AsyncIterator[Routed | Chunk]:
+    async def _generate(self, req: InferenceRequest) -> AsyncIterator[Routed | Chunk]:
         """Yield :class:`Routed` once, then the output chunks. Raises typed errors before the first event."""
         if self.draining:
             raise UnavailableError("the server is shutting down")
@@ -128,6 +183,22 @@ class DeltaService:
         finally:
             metrics.REQUESTS.labels(task_label, outcome, req.api).inc()
             self._exit()
+
+    async def submit(self, req: InferenceRequest) -> Generation:
+        """Validate, route and start ``req``. For a stream, wait for its first output too, so that
+        every refusal — validation, routing, the engine's own checks (e.g. a JSON schema its grammar
+        backend rejects) — raises here, before a front end has sent a byte."""
+        events = self._generate(req)
+        routed = await anext(events)
+        assert isinstance(routed, Routed)
+        first = None
+        if req.stream:
+            try:
+                first = await anext(events, None)
+            except BaseException:
+                await events.aclose()
+                raise
+        return Generation(routed, events, req.sampling.n or 1, first)
 
     async def route(self, req: InferenceRequest) -> Routed:
         """The routing decision ``req`` would get, without generating (no engine work, no metrics)."""
@@ -192,6 +263,23 @@ class DeltaService:
     async def unregister(self, name: str, *, token: str | None) -> None:
         self.check_admin(token)
         await self.registry.unregister(name)
+
+    def deltas(self) -> list[LiveDelta]:
+        """The registered deltas, by name."""
+        return self.registry.list()
+
+    def delta(self, name: str) -> LiveDelta:
+        """One registered delta; :class:`NotFoundError` if there is none of that name."""
+        return self.registry.get(name)
+
+    async def engine_state(self) -> dict:
+        """What the engine holds right now: its state, the switches so far, the LoRA adapters loaded in vLLM, requests in flight."""
+        return {
+            "state": self.scheduler.current,
+            "state_switches": self.scheduler.switches,
+            "lora_adapter_ids": sorted(await self.engine.list_loras()) if self.engine.config.enable_lora else [],
+            "inflight": self.inflight,
+        }
 
     async def verify_base(self, *, token: str | None) -> dict:
         """Check that the weights the engine computes with in the base state are the base's.
