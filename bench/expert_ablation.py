@@ -66,7 +66,13 @@ def variant(spec: str) -> tuple[str, dict]:
     return spec, VARIANTS[spec]
 
 
-def run_one(base_dir: Path, task: str, method: str, config, general, progress: bool) -> dict:
+DATA_OPTIONS = ("digit_words",)
+"""Overrides that change the task data instead of TuneConfig: ``digit_words`` answers digits with the
+number words the base already emits (``"seven"`` for ``"7"``), train and val alike."""
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def run_one(base_dir: Path, task: str, method: str, config, general, progress: bool, digit_words: bool = False) -> dict:
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -75,6 +81,10 @@ def run_one(base_dir: Path, task: str, method: str, config, general, progress: b
     from deltaserve.tuning.tune import world_task_dir
 
     t = data.load_task(world_task_dir(task), splits=("train", "val"))
+    if digit_words and task == "digits":
+        from dataclasses import replace as _replace
+
+        t = {split: [_replace(s, target=NUMBER_WORDS[int(s.target)]) for s in t[split]] for split in ("train", "val")}
     model = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(str(base_dir))
     items = batching.encode(processor, t["train"])
@@ -157,13 +167,13 @@ def main(argv=None):
             log.flush()
         for spec in args.variants.split(";" if "=" in args.variants else ","):
             name, overrides = variant(spec)
-            config = replace(TuneConfig(), **overrides)
+            config = replace(TuneConfig(), **{k: v for k, v in overrides.items() if k not in DATA_OPTIONS})
             for task in tasks:
                 for method in args.methods.split(","):
                     if (name, task, method) in seen:
                         continue
                     print(f"[ablation] {name} {overrides} × {task} × {method}", file=sys.stderr, flush=True)
-                    row = {"variant": name, "overrides": overrides, **run_one(base_dir, task, method, config, general, not args.quiet)}
+                    row = {"variant": name, "overrides": overrides, **run_one(base_dir, task, method, config, general, not args.quiet, digit_words=overrides.get("digit_words", False))}
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     log.write(json.dumps(row) + "\n")
                     log.flush()
