@@ -81,6 +81,8 @@ class TuneConfig:
     """Decoder layers (from the top) in the trainable scope."""
     train_vision_tower: bool = False
     """Selective methods: tune the vision tower too."""
+    train_lm_head: bool = False
+    """Selective methods: tune the LM head too (see :class:`~deltaserve.tuning.methods.scope.Scope`)."""
     options: MethodOptions = field(default_factory=MethodOptions)
     """Method-specific settings (magnitude ratio, LoRA rank, adapter width, …)."""
     examples: int = 24
@@ -103,7 +105,7 @@ class TuneConfig:
         )
 
     def scope(self) -> Scope:
-        return Scope(last_n_layers=self.last_n_layers, train_vision_tower=self.train_vision_tower)
+        return Scope(last_n_layers=self.last_n_layers, train_vision_tower=self.train_vision_tower, train_lm_head=self.train_lm_head)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 NamedParams = list[tuple[str, torch.nn.Parameter]]
 
 PROJECTOR = "model.multi_modal_projector."
+LM_HEAD = "lm_head."
 VISION_TOWER = "model.vision_tower."
 DECODER_LAYERS = "model.language_model.layers."
 
@@ -34,6 +35,10 @@ class Scope:
     """The multimodal projector trains (selective methods only; see the module docstring)."""
     train_vision_tower: bool = False
     """The CLIP vision tower trains too (selective methods only)."""
+    train_lm_head: bool = False
+    """The LM head (output embedding) trains too (selective methods only): the downstream answers
+    use tokens the base never emitted (numerals, ``above``/``below``), whose frozen rows pretraining
+    pushed away from every hidden state."""
 
     def layer_indices(self, model: torch.nn.Module) -> list[int]:
         total = model.config.text_config.num_hidden_layers
@@ -48,6 +53,8 @@ class Scope:
             prefixes.append(PROJECTOR)
         if self.train_vision_tower:
             prefixes.append(VISION_TOWER)
+        if self.train_lm_head:
+            prefixes.append(LM_HEAD)
         params = [(n, p) for n, p in model.named_parameters() if n.startswith(tuple(prefixes))]
         if not params:
             raise ValueError("the trainable scope is empty (set `last_n_layers` > 0 or train the projector)")
@@ -67,4 +74,4 @@ class Scope:
         return found
 
     def as_dict(self) -> dict:
-        return {"last_n_layers": self.last_n_layers, "train_projector": self.train_projector, "train_vision_tower": self.train_vision_tower}
+        return {"last_n_layers": self.last_n_layers, "train_projector": self.train_projector, "train_vision_tower": self.train_vision_tower, "train_lm_head": self.train_lm_head}
