@@ -90,11 +90,3 @@ def machine_facts() -> dict:
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
-
-def free_port() -> int:
-    """An ephemeral TCP port on 127.0.0.1 that was free a moment ago."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

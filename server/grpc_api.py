@@ -40,22 +40,16 @@ def _token(context) -> str | None:
     return None
 
 
+_OPTIONAL_SAMPLING = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields if f.has_presence and f.name in SamplingFields.__dataclass_fields__)
+"""The proto's ``optional`` sampling fields: unset means the server's default (None in :class:`SamplingFields`)."""
+
+
 def _inference_request(msg: pb.GenerateRequest, *, stream: bool = True) -> InferenceRequest:
     s = msg.sampling
     sampling = SamplingFields(
-        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
-        temperature=s.temperature if s.HasField("temperature") else None,
-        top_p=s.top_p if s.HasField("top_p") else None,
-        top_k=s.top_k if s.HasField("top_k") else None,
-        seed=s.seed if s.HasField("seed") else None,
+        **{name: getattr(s, name) if s.HasField(name) else None for name in _OPTIONAL_SAMPLING},
         stop=list(s.stop),
         ignore_eos=s.ignore_eos,
-        min_p=s.min_p if s.HasField("min_p") else None,
-        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else None,
-        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
-        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
-        min_tokens=s.min_tokens if s.HasField("min_tokens") else None,
-        logprobs=s.logprobs if s.HasField("logprobs") else None,
         response_format=_response_format(s),
     )
     messages = None

@@ -12,12 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -30,12 +24,6 @@ LORA = "parity-lora"
 START_TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def peft_dir(tiny_base, tmp_path_factory):
     return make_peft_adapter(tiny_base, tmp_path_factory.mktemp("parity") / "adapter", seed=11)
@@ -44,40 +32,15 @@ def peft_dir(tiny_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm_server(tiny_base, server, peft_dir, tmp_path_factory):
     """vLLM's OpenAI server on the tiny base, flags as ``deltaserve serve`` (and the test server) sets them."""
-    port = _free_port()
+    from deltaserve.client.process import VllmOpenAIServer
+
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_base), "--served-model-name", server.base_name,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--seed", "0",
-        "--enable-lora", "--max-loras", "4", "--max-lora-rank", "16", "--max-cpu-loras", "16", "--max-num-seqs", "64",
-        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--limit-mm-per-prompt", json.dumps({"image": 1}),
-        "--lora-modules", f"{LORA}={peft_dir}", "--no-enable-log-requests",
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM's server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM's server did not start in {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        with_group = os.getpgid(proc.pid) if proc.poll() is None else None
-        if with_group is not None:
-            os.killpg(with_group, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(with_group, signal.SIGKILL)
+        srv = VllmOpenAIServer(tiny_base, server.base_name, log_path, kv_cache_bytes=KV_CACHE_BYTES, lora_modules={LORA: peft_dir}, timeout_s=START_TIMEOUT_S)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield srv.url
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
