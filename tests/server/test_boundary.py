@@ -179,7 +179,10 @@ def _abandon(server, *, stream: bool) -> None:
     after = _vllm_generated_tokens(server)
     print(f"{after - before:.0f} tokens for {STREAMS} abandoned requests of {LONG_ANSWER} (stream={stream}), {after - at_close:.0f} after the disconnects")
     assert after - at_close <= STREAMS * 10, f"{after - at_close} tokens generated after {STREAMS} disconnects (all answers: {STREAMS * LONG_ANSWER})"
-    assert after - before < STREAMS * LONG_ANSWER / 2
+    # Far from every answer: how much ran before the closes depends on the machine's load (the
+    # tiny model streams fast; 2,415 of 4,000 were seen on a busy 2-core machine), what ran after
+    # them is the claim, asserted above.
+    assert after - before < STREAMS * LONG_ANSWER * 0.9
     _still_serves(server)
 
 
