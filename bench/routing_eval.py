@@ -12,13 +12,16 @@ Three kinds of labelled requests:
   base (its own skills reworded, near-misses reusing the tasks' words, chat, code, …).
 
 The hand-written sets are never used to choose anything: options are chosen on the
-validation split (:func:`choose_options`).
+validation split and on phrasing folds of the training split (:func:`choice_sets`,
+:func:`choose_options`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import random
+import re
 import statistics
 import tempfile
 import time
@@ -156,7 +159,7 @@ def evaluate(router: Router, queries: list[Labeled], max_errors: int = 40) -> Re
 
 
 GRID = {
-    "embedder": ["wordllama", "none"],
+    "embedder": ["minilm", "wordllama", "none"],
     "C": ["1", "10", "100"],
     "char_weight": ["0.5", "1.0", "2.0"],
     "word_weight": ["0", "0.5", "1.0"],
@@ -166,40 +169,123 @@ GRID = {
 CHOSEN = ("embedder", "C", "char_weight", "word_weight", "image_weight", "threshold")
 
 
-def choose_options(base_dir: Path, cards: list[TaskCard], val: list[Labeled], open_world: Path, log=print) -> tuple[dict[str, str], list[dict]]:
-    """The auto router's options that maximise min(task recall, open-world precision) on the *validation* split.
+@dataclass
+class ChoiceSet:
+    """Labelled requests and what the router knows when it meets them: the task cards and the base's examples."""
 
-    Ties (to two decimals) go to the earlier grid point. Image evidence does not depend on the text options:
-    computed once and reused.
+    label: str
+    cards: list[TaskCard]
+    open_world: Path
+    queries: list[Labeled]
+
+
+def _phrasings() -> dict[str, tuple[str, ...]]:
+    """Each world task's phrasing templates (``{slot}`` placeholders)."""
+    from deltaserve.tuning.world import digits, general, relations, text
+
+    return {
+        "digits": digits.PROMPTS, "relations": relations.PROMPTS, "caption": general.CAPTION_PROMPTS,
+        "colour": general.COLOUR_PROMPTS, "count": general.COUNT_PROMPTS, "position": general.POSITION_PROMPTS,
+        "arithmetic": text.PLUS_PROMPTS + text.MINUS_PROMPTS, "opposites": text.OPPOSITE_PROMPTS,
+    }
+
+
+def phrasing_groups(task: str, samples: list) -> dict[str, list]:
+    """``samples`` by the phrasing template their prompt was written from."""
+    patterns = [(t, re.compile("^" + re.sub(r"\\\{\w+\\\}", "(.+?)", re.escape(t)) + "$", re.DOTALL)) for t in _phrasings()[task]]
+    groups: dict[str, list] = defaultdict(list)
+    for s in samples:
+        template = next((t for t, rx in patterns if rx.match(s.prompt)), None)
+        if template is None:
+            raise ValueError(f"{task}: prompt {s.prompt!r} matches none of the task's phrasings")
+        groups[template].append(s)
+    return groups
+
+
+def choice_sets(downstream_root: Path, general_root: Path, val: list[Labeled], work: Path, folds: int = 3, per_task: int = 40, seed: int = 0) -> list[ChoiceSet]:
+    """What options are chosen on: the validation split (cards and base examples as served), and
+    ``folds`` folds of the *training* split by phrasing — in fold k a third of every task's training
+    phrasings is held out of the cards and of the base's examples, and ``per_task`` requests worded
+    in them are asked. The validation split holds only ≈ 5 phrasings per task; the folds add every
+    training phrasing as an unseen one once. Test split and hand-written sets are never used."""
+    from deltaserve.tuning.data import load_tasks, pick_examples
+    from deltaserve.tuning.pretrain import OPEN_WORLD_EXAMPLES, OPEN_WORLD_FILE, open_world_examples, write_open_world
+
+    down = load_tasks(downstream_root, type="downstream", splits=("train",))
+    gen = load_tasks(general_root, type="general", splits=("train",))
+    sets = [ChoiceSet("val", task_cards(downstream_root, 24, seed), open_world_file(general_root, work, seed), val)]
+    grouped = {name: phrasing_groups(name, t["train"]) for name, t in {**down, **gen}.items()}
+    for k in range(folds):
+        kept, asked = {}, []
+        for name, groups in grouped.items():
+            order = sorted(groups)
+            random.Random(f"routing-folds\0{name}\0{seed}").shuffle(order)
+            held = set(order[k::folds])
+            kept[name] = [s for t in order if t not in held for s in groups[t]]
+            out = [s for t in sorted(held) for s in groups[t]]
+            random.Random(f"routing-fold-queries\0{name}\0{k}").shuffle(out)
+            expect = name if name in down else BASE
+            asked += [Labeled(RouteQuery(s.prompt, s.load_image() if s.image is not None else None), expect, f"fold:{name}") for s in out[:per_task]]
+        cards = [TaskCard(name, "lora", down[name].info.description, [(s.prompt, s.load_image() if s.image is not None else None) for s in pick_examples(kept[name], 24, seed)]) for name in sorted(down)]
+        fold_dir = Path(work) / f"fold-{k}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        ow = write_open_world(fold_dir / OPEN_WORLD_FILE, open_world_examples({n: {"train": kept[n]} for n in gen}, OPEN_WORLD_EXAMPLES, seed))
+        sets.append(ChoiceSet(f"fold-{k}", cards, ow, asked))
+    return sets
+
+
+def choose_options(base_dir: Path, sets: list[ChoiceSet], log=print) -> tuple[dict[str, str], list[dict]]:
+    """The auto router's options that maximise min(task recall, open-world precision) over ``sets`` pooled.
+
+    Ties (to two decimals) go to the earlier grid point. Image evidence does not depend on the text
+    options: computed once per set and reused; text scores come from routers without images.
     """
     from deltaserve.server.router_auto import combine, decide
 
-    first = make_router(base_dir, cards, {"open_world": str(open_world)})
-    evidence = [first.image_evidence(q.query) for q in val]
+    evidence = []
+    for st in sets:
+        first = make_router(base_dir, st.cards, {"open_world": str(st.open_world)})
+        evidence.append([first.image_evidence(q.query) for q in st.queries])
     rows = []
     for embedder in GRID["embedder"]:
         for C in GRID["C"]:
             for char_weight, word_weight in itertools.product(GRID["char_weight"], GRID["word_weight"]):
                 text_options = {"embedder": embedder, "C": C, "char_weight": char_weight, "word_weight": word_weight}
-                router = make_router(base_dir, cards, {**text_options, "open_world": str(open_world)})
-                text = router.text_scores([q.query.text for q in val])
+                text = []
+                for st in sets:
+                    router = make_router(base_dir, st.cards, {**text_options, "open_world": str(st.open_world), "image_weight": "0", "image_gate": "off"})
+                    text.append(router.text_scores([q.query.text for q in st.queries]))
                 for image_weight in GRID["image_weight"]:
-                    scores = [combine(t, e.ratios, float(image_weight)) for t, e in zip(text, evidence, strict=True)]
+                    scores = [[combine(t, e.ratios, float(image_weight)) for t, e in zip(ts, es, strict=True)] for ts, es in zip(text, evidence, strict=True)]
                     for threshold in GRID["threshold"]:
                         hits = {"task": [0, 0], "base": [0, 0]}
-                        for q, s, e in zip(val, scores, evidence, strict=True):
-                            chosen = decide(s, e.closed, float(threshold)).expert or BASE
-                            bucket = hits["base" if q.expect == BASE else "task"]
-                            bucket[0] += chosen == q.expect
-                            bucket[1] += 1
+                        for st, ss, es in zip(sets, scores, evidence, strict=True):
+                            for q, s, e in zip(st.queries, ss, es, strict=True):
+                                chosen = decide(s, e.closed, float(threshold)).expert or BASE
+                                bucket = hits["base" if q.expect == BASE else "task"]
+                                bucket[0] += chosen == q.expect
+                                bucket[1] += 1
                         recall, precision = hits["task"][0] / hits["task"][1], hits["base"][0] / hits["base"][1]
                         rows.append({**text_options, "image_weight": image_weight, "threshold": threshold, "recall": recall, "precision": precision})
-    # The worse of the two rates, to two decimals (one validation request is 0.005 of a class):
-    # equal scores go to the earlier grid point — max() keeps the first — so the semantic
-    # embedder, listed first, wins ties.
+        log(f"  grid: embedder {embedder} done ({len(rows)} points)")
+    # The worse of the two rates, to two decimals: equal scores go to the earlier grid point —
+    # max() keeps the first — so the semantic embedders, listed first, win ties.
     best = max(rows, key=lambda r: round(min(r["recall"], r["precision"]), 2))
-    log(f"chosen on validation: {best}")
+    log(f"chosen: {best}")
     return {k: best[k] for k in CHOSEN}, rows
+
+
+def router_base_dir(base_dir: Path, work: Path) -> Path:
+    """``base_dir`` without its ``deltaserve-open-world`` examples (links to every other file): the
+    evaluation passes each set's base examples itself, so held-out phrasings cannot leak in."""
+    from deltaserve.server.router_auto import BASE_OPEN_WORLD_FILE
+
+    view = Path(work) / "base-view"
+    view.mkdir(parents=True, exist_ok=True)
+    for f in Path(base_dir).iterdir():
+        if not f.name.startswith(Path(BASE_OPEN_WORLD_FILE).stem):
+            (view / f.name).symlink_to(f)
+    return view
 
 
 def build_base_dir(work_dir: Path) -> tuple[Path, str]:

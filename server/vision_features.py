@@ -6,9 +6,24 @@ one): the CLIP tower LLaVA feeds its projector is read from the base checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread for a small per-request forward: on a loaded 2-core machine the intra-op
+    pool's synchronisation made the vision tower's ≈ 1 ms forward take ≈ 170 ms (measured)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class VisionEncoder:
@@ -41,18 +56,10 @@ class VisionEncoder:
 
     def __call__(self, images: list) -> np.ndarray:
         """``[len(images), d]`` mean-pooled features (not normalised)."""
-        torch = self._torch
-        # One thread for the small per-request forward: on a loaded 2-core machine the
-        # intra-op pool's synchronisation made it ≈ 170 ms instead of ≈ 1 ms (measured).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.no_grad():
-                pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-                hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.layer]  # [n, 1 + patches, d]
-                return hidden[:, 1:].mean(1).numpy()  # drop CLS, as LLaVA's "default" strategy does
-        finally:
-            torch.set_num_threads(threads)
+        with one_torch_thread(), self._torch.no_grad():
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.layer]  # [n, 1 + patches, d]
+            return hidden[:, 1:].mean(1).numpy()  # drop CLS, as LLaVA's "default" strategy does
 
 
 def unit(x: np.ndarray) -> np.ndarray:
