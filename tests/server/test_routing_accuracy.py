@@ -111,6 +111,24 @@ def test_users_own_sentence_transformers_model(tiny_base, cards, open_world):
     assert router.route(RouteQuery(text, image)).expert == cards[0].name
 
 
+def test_minilm_embeds_a_prompt_the_same_alone_or_among_others():
+    """Router examples are embedded in lists, requests alone: with int8 activations quantised per
+    tensor a padded batch would shift each prompt's embedding (≈ 0.03 measured), so both must agree."""
+    import numpy as np
+
+    from deltaserve.server.text_embedders import load_text_embedder
+
+    embedder = load_text_embedder("minilm")
+    assert load_text_embedder("minilm") is embedder  # one per process
+    texts = ["Which digit is this?", "Seen from the blue circle, where is the red square? Answer in two words."]
+    together = embedder(texts)
+    embedder._seen.clear()
+    alone = np.stack([embedder([t])[0] for t in texts])
+    assert together.shape == (2, 384) and np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(together, alone, atol=1e-6)
+    assert float(together[0] @ together[1]) < 0.9  # different prompts, different embeddings
+
+
 def test_install_swaps_the_whole_task_set_at_once(tiny_base, cards, open_world):
     router = E.make_router(tiny_base, [], {"open_world": str(open_world)})
     prepared = router.prepare(cards)
