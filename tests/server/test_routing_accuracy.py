@@ -4,11 +4,12 @@ Same code as ``bench/routing.py`` (``bench/routing_eval.py``), with the router's
 (what ``deltaserve serve`` runs) and the random-init tiny base's vision tower. The two
 downstream tasks are registered with the 24 training examples ``deltaserve tune`` stores.
 
-The floors asserted here are regression floors just under the measured level with this
-random-init base (hand-written 0.753 / 0.980, held-out phrasings 0.700 / 0.981 on 2026-12-05),
-*below* the issue's targets (hand-written: task recall ≥ 0.90, open world ≥ 0.95; held-out
-phrasings ≥ 0.95 / ≥ 0.95), which the router does not reach yet: see ``docs/routing-results.md``
-(measured there with the pretrained base). The old ``coverage`` router scores 0.06 recall.
+The floors asserted here sit just under the level measured with this random-init base and the
+default options (embedder minilm: hand-written 0.897 / 1.000, held-out phrasings 0.933 / 0.958
+on 2026-12-06). The targets (hand-written: task recall ≥ 0.90, open world ≥ 0.95; held-out
+phrasings ≥ 0.95 / ≥ 0.95) are measured with the pretrained base, whose vision tower the image
+evidence needs, by ``bench/routing.py`` (``docs/routing-results.md``); this suite does not pretrain.
+The old ``coverage`` router scores 0.06 recall.
 """
 
 from __future__ import annotations
@@ -58,14 +59,14 @@ def test_hand_written_paraphrases_reach_their_expert_and_open_world_requests_the
     assert len(paraphrases) >= 80 and len(open_world) >= 80
     report = E.evaluate(router, paraphrases + open_world)
     print(f"hand-written: task recall {report.task_recall:.3f}, open world {report.open_world_precision:.3f}")
-    assert report.task_recall >= 0.70, report.errors
+    assert report.task_recall >= 0.85, report.errors
     assert report.open_world_precision >= 0.95, report.errors
 
 
 def test_held_out_phrasings_of_the_world(world, router):
     report = E.evaluate(router, E.split_queries(*world, "test"))
     print(f"held-out phrasings: task recall {report.task_recall:.3f}, open world {report.open_world_precision:.3f}")
-    assert report.task_recall >= 0.65, report.errors
+    assert report.task_recall >= 0.90, report.errors
     assert report.open_world_precision >= 0.95, report.errors
 
 
@@ -159,7 +160,10 @@ def test_fast_paths_equal_sklearn(router, world):
 
     trained = router._trained
     texts = [q.query.text for q in E.split_queries(*world, "test", limit=3)] + ["zzzz qqq", "Où est le carré rouge ?"]
+    assert trained.features.ngrams is not None
     for vectorizer in (trained.features.ngrams, trained.features.words):
+        if vectorizer is None:  # word n-grams are off by default; the next test covers them
+            continue
         for text in texts:
             assert abs(tfidf_row(vectorizer, text) - vectorizer.transform([text])).max() < 1e-12, text
     X = trained.features(texts)
@@ -167,8 +171,13 @@ def test_fast_paths_equal_sklearn(router, world):
 
 
 def test_fast_probabilities_equal_sklearn_for_one_task(tiny_base, cards, open_world):
-    from deltaserve.server.router_auto import probabilities
+    from deltaserve.server.router_auto import probabilities, tfidf_row
 
-    binary = E.make_router(tiny_base, cards[:1], {"open_world": str(open_world)})._trained  # two classes: a sigmoid in sklearn
-    X = binary.features(["Which digit is written here?", "Tell me a joke."])
+    options = {"open_world": str(open_world), "word_weight": "0.5"}
+    binary = E.make_router(tiny_base, cards[:1], options)._trained  # two classes: a sigmoid in sklearn
+    texts = ["Which digit is written here?", "Tell me a joke."]
+    vectorizer = binary.features.words
+    for text in texts:
+        assert abs(tfidf_row(vectorizer, text) - vectorizer.transform([text])).max() < 1e-12, text
+    X = binary.features(texts)
     assert abs(probabilities(binary.classifier, X) - binary.classifier.predict_proba(X)).max() < 1e-9
