@@ -5,7 +5,7 @@ Start-up: engine → registry restore → gRPC → HTTP → ``<store>/server.jso
 (UNAVAILABLE / 503, health NOT_SERVING), let in-flight requests finish for up to
 ``grace_period_s``, then stop the front ends and the engine. A second signal ends the
 wait at once (the remaining requests are aborted). This process alone handles the
-signals: the engine's processes run in a session of their own (``engine_process``), so
+signals: the engine's processes run in a process group of their own (``engine_process``), so
 a signal to the whole process group (Ctrl-C) drains exactly like one to the server.
 """
 

@@ -168,7 +168,7 @@ class Engine:
         )
         # The engine core inherits this and leaves the server's process group: this process owns SIGTERM/SIGINT
         # and the engine's shutdown (deltaserve.server.engine_process).
-        os.environ[env.ENGINE_OWN_SESSION] = "1"
+        os.environ[env.ENGINE_OWN_GROUP] = "1"
         # The constructor blocks until the engine core and worker processes are up:
         # keep the event loop (and the health endpoint) responsive meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, usage_context=UsageContext.ENGINE_CONTEXT)
