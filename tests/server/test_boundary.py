@@ -259,3 +259,55 @@ def test_grpc_multi_turn_chat_equals_http_chat(server):
     status, payload = _http(f"{server.http}/v1/chat/completions", json.dumps(body).encode(), token=None)
     assert status == 200 and payload["usage"]["prompt_tokens"] == out.prompt_tokens, (payload, out)
     assert payload["choices"][0]["message"]["content"] == out.text
+
+
+REFUSED_BUNDLES = {
+    "manifest without fields": ([("delta.json", MANIFEST)], "`kind`"),
+    "manifest that is not JSON": ([("delta.json", b"{nope")], "`delta.json` is not valid JSON"),
+    "PEFT adapter without weights": ([("adapter_config.json", b"{}")], "`adapter_model.safetensors`"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_BUNDLES))
+def test_refused_bundles_name_the_file_never_a_server_path(server, case):
+    """Before: "invalid delta bundle <store>/staging/<hex>: …" (and the PEFT check named the staging directory twice)."""
+    from deltaserve.v1 import deltaserve_pb2 as pb
+    from deltaserve.v1 import deltaserve_pb2_grpc as pb_grpc
+
+    files, needle = REFUSED_BUNDLES[case]
+    with grpc.insecure_channel(server.grpc) as channel:
+        request = pb.RegisterRequest(files=[pb.BundleFile(path=p, data=d) for p, d in files], name="refused")
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.RegistryStub(channel).Register(request, metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")], timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details(), err.value.details()
+    body = json.dumps({"name": "refused", "files": {p: base64.b64encode(d).decode() for p, d in files}}).encode()
+    status, payload = _http(f"{server.http}/v1/deltas", body)
+    assert status == 400 and needle in payload["error"]["message"], payload
+    for message in (err.value.details(), payload["error"]["message"]):
+        assert str(server.store) not in message and "staging" not in message, message
+
+
+@pytest.mark.parametrize(
+    "path, needle",
+    [(lambda store: store, "store"), (lambda store: store / "staging", "store"), (lambda store: store.parent, "store"), (lambda store: "/" + "a" * 5000, "`path` cannot be used")],
+    ids=["the store", "inside the store", "a folder holding the store", "a name too long for the file system"],
+)
+def test_path_registration_of_the_store_or_an_unusable_path_is_400_on_a_kept_connection(server, path, needle):
+    """Before: registering the store copied it into its own staging folder until the name grew too long, and a
+    5000-character path failed in the file system: HTTP 500, connection dropped, server paths in the log only."""
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(server.http)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    before = _staging(server)
+    body = json.dumps({"path": str(path(server.store))})
+    conn.request("POST", "/v1/deltas", body, {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"})
+    resp = conn.getresponse()
+    payload = json.loads(resp.read())
+    assert resp.status == 400 and needle in payload["error"]["message"], payload
+    assert str(server.store) not in payload["error"]["message"]
+    conn.request("GET", "/health")  # the same connection still answers
+    assert conn.getresponse().status == 200
+    conn.close()
+    assert _staging(server) == before
