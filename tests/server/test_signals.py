@@ -141,9 +141,14 @@ def test_a_second_signal_stops_at_once(tiny_base, tmp_path):
 
 def test_the_engine_processes_die_with_the_server(tiny_base, tmp_path):
     """The engine leaves the server's process group (so that group signals pass it by); it must still not
-    outlive a server that is killed outright."""
+    outlive a server that is killed outright. The store it starts on holds what a killed registration leaves
+    behind (a staging folder); the start sweeps it (already so before this test)."""
+    leftover = tmp_path / "store" / "staging" / "0123abcd"
+    leftover.mkdir(parents=True)
+    (leftover / "delta.json").write_bytes(b"{}")
     srv = ServerProcess(tiny_base, tmp_path / "store")
     try:
+        assert not leftover.exists()
         children = _engine_processes(srv)
         os.kill(srv.pid, signal.SIGKILL)  # the server alone; not ServerProcess.kill, whose group kill would hide orphans
         srv.proc.wait(60)
