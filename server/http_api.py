@@ -42,7 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deltaserve.plugins.errors import DeltaServeError
 from deltaserve.plugins.registry import get_kind
@@ -215,6 +215,17 @@ def _decode_files(files: dict[str, str]) -> list[tuple[str, bytes]]:
         except (binascii.Error, ValueError):
             raise InvalidRequestError(f"`files.{ascii(rel)[1:-1][:80]}` is not valid base64") from None
     return out
+
+
+def _register_body(raw: bytes) -> RegisterBody:
+    """``POST /v1/deltas``'s body, validated, with no key given twice (CPU-bound: call it off the event loop)."""
+    try:
+        body = RegisterBody.model_validate_json(raw)
+    except ValidationError as exc:  # answered like FastAPI's own body validation
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    if body.files is not None and (duplicated := _duplicate_keys(raw)):
+        raise InvalidRequestError(f"the body names {', '.join(f'`{k}`' for k in duplicated)} more than once (in `files`: one entry per path)")
+    return body
 
 
 def _duplicate_keys(raw: bytes) -> list[str]:
@@ -507,17 +518,15 @@ def create_app(service: DeltaService) -> FastAPI:
         return delta_json(service.delta(name))
 
     @app.post("/v1/deltas")
-    async def register_delta(body: RegisterBody, request: Request):
+    async def register_delta(request: Request):
         token = _bearer(request)
         service.check_admin(token)  # before decoding a possibly large body
+        # Parsed here, off the event loop, not by FastAPI: a body may be as large as the bundle limit (seconds of CPU).
+        body = await asyncio.to_thread(_register_body, await request.body())
         if (body.files is None) == (body.path is None):
             raise InvalidRequestError("give exactly one of `files` (path → base64) or `path`")
         if body.name is not None and not body.name.strip():
             raise InvalidRequestError("`name` must not be empty (omit it to use the bundle's own name)")
-        if body.files is not None:
-            duplicated = await asyncio.to_thread(_duplicate_keys, await request.body())
-            if duplicated:
-                raise InvalidRequestError(f"the body names {', '.join(f'`{k}`' for k in duplicated)} more than once (in `files`: one entry per path)")
         if body.files is not None:
             files = await asyncio.to_thread(_decode_files, body.files)
             delta = await service.register(token=token, files=files, name=body.name)

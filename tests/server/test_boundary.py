@@ -311,3 +311,37 @@ def test_path_registration_of_the_store_or_an_unusable_path_is_400_on_a_kept_con
     assert conn.getresponse().status == 200
     conn.close()
     assert _staging(server) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the upload's JSON parse and base64 decode run in threads but hold the GIL, so the event loop "
+    "still stalls (measured 0.9-1.5 s for a 96 MiB bundle on 2 shared cores); needs chunked decoding or a process",
+)
+def test_health_answers_quickly_while_a_large_upload_and_a_long_prompt_are_processed(server):
+    """Item 2 of the boundary issue: /health answers within 100 ms while a large upload is decoded, written and
+    refused and a 2 MB prompt is tokenized. A 96 MiB bundle here (the shared server's limit is 512 MiB: the
+    machine is small and shared); the issue measured 7.9 s for a 684 MiB HTTP body before d1ea8b7."""
+    import os
+    import threading
+    import time
+
+    upload = json.dumps({"name": "big", "files": {"delta.json": base64.b64encode(MANIFEST).decode(), "w.safetensors": base64.b64encode(os.urandom(96 << 20)).decode()}}).encode()
+    prompt = json.dumps({"model": server.base_name, "prompt": "word " * 400_000, "max_tokens": 1}).encode()
+    results = {}
+    threads = [
+        threading.Thread(target=lambda: results.update(upload=_http(f"{server.http}/v1/deltas", upload)[0])),
+        threading.Thread(target=lambda: results.update(prompt=_http(f"{server.http}/v1/completions", prompt, token=None)[0])),
+    ]
+    latencies = []
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        started = time.perf_counter()
+        with urllib.request.urlopen(f"{server.http}/health", timeout=30) as resp:
+            assert resp.status == 200
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.02)
+    print(f"/health: {len(latencies)} probes, max {max(latencies) * 1000:.0f} ms; {results}")
+    assert results == {"upload": 400, "prompt": 400}, results
+    assert len(latencies) >= 5 and max(latencies) < 0.1, sorted(latencies)[-5:]
