@@ -2,7 +2,8 @@
 
 Used by the demo, the benchmarks and the tests: the ready line the server prints
 (``deltaserve: ready grpc=… http=… base=…``) gives the addresses; the server runs in its
-own process group so that a kill also takes vLLM's engine and worker processes.
+own process group, so that a group kill takes it and whatever it started (vLLM's engine and
+worker processes have a group of their own and die with the server: ``server/engine_process.py``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class ServerProcess:
         if admin_token:
             args += ["--admin-token", admin_token]
         self._log = open(self.log_path, "ab")
-        # Own process group: a SIGKILL of the group also takes vLLM's engine and worker processes.
+        # Own process group: a SIGKILL of the group takes the server (its engine processes follow it).
         self.proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=self._log, env={**(os.environ if base_env is None else base_env), **(env or {})}, start_new_session=True
         )

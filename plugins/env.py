@@ -48,3 +48,12 @@ def fault_pause() -> tuple[str, float, str | None] | None:
         return None
     point, seconds, task = (value.split(":") + ["", ""])[:3]
     return point, float(seconds or 30), task or None
+
+
+ENGINE_OWN_GROUP = "DELTASERVE_ENGINE_OWN_GROUP"
+
+
+def engine_own_group() -> bool:
+    """``DELTASERVE_ENGINE_OWN_GROUP=1``: set by the server for the vLLM engine core it starts, which then
+    leaves the server's process group (``deltaserve.server.engine_process``); not meant to be set by hand."""
+    return os.environ.get(ENGINE_OWN_GROUP) == "1"

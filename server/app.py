@@ -3,12 +3,16 @@
 Start-up: engine → registry restore → gRPC → HTTP → ``<store>/server.json`` and a
 ``deltaserve: ready …`` line on stdout. SIGTERM/SIGINT: refuse new requests
 (UNAVAILABLE / 503, health NOT_SERVING), let in-flight requests finish for up to
-``grace_period_s``, then stop the front ends and the engine.
+``grace_period_s``, then stop the front ends and the engine. A second signal ends the
+wait at once (the remaining requests are aborted). This process alone handles the
+signals: the engine's processes run in a process group of their own (``engine_process``), so
+a signal to the whole process group (Ctrl-C) drains exactly like one to the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +33,17 @@ from deltaserve.server.service import DeltaService
 log = logging.getLogger("deltaserve.server")
 
 SERVER_FILE = "server.json"
+HTTP_FLUSH_S = 1
+"""After the drain, how long uvicorn may take to send what finished requests still have to write."""
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: :func:`serve` handles SIGTERM/SIGINT for both front ends
+    (uvicorn's would stop HTTP alone, wait for its connections, then raise the signal again)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 def _bind_socket(host: str, port: int) -> socket.socket:
@@ -41,12 +56,19 @@ def _bind_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT)."""
+    """Run until ``stop`` is set (or SIGTERM/SIGINT); a second signal skips the drain."""
     stop = stop or asyncio.Event()
+    at_once = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            at_once.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
 
@@ -65,9 +87,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     grpc_port = await grpc_front.start(config.host, config.grpc_port)
     sock = _bind_socket(config.host, config.http_port)
     http_port = sock.getsockname()[1]
-    http = uvicorn.Server(
-        uvicorn.Config(create_app(service), log_level="warning", lifespan="off", timeout_graceful_shutdown=int(config.grace_period_s))
-    )
+    http = _HttpServer(uvicorn.Config(create_app(service), log_level="warning", lifespan="off", timeout_graceful_shutdown=HTTP_FLUSH_S))
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
     info = {
         "pid": os.getpid(),
@@ -87,8 +107,14 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     finally:
         log.info("shutting down: draining in-flight requests (grace %.0fs)", config.grace_period_s)
         await grpc_front.stop_accepting()
-        finished = await service.drain(config.grace_period_s)
-        if not finished:
+        drain = asyncio.ensure_future(service.drain(config.grace_period_s))
+        interrupt = asyncio.ensure_future(at_once.wait())
+        await asyncio.wait({drain, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        interrupt.cancel()
+        if not drain.done():
+            drain.cancel()
+            log.warning("second signal: aborting the remaining requests")
+        elif not drain.result():
             log.warning("grace period over: aborting the remaining requests")
         await grpc_front.stop(grace=0.5)
         http.should_exit = True

@@ -11,10 +11,12 @@ import asyncio
 import gc
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from deltaserve.plugins import env
 from deltaserve.server.config import EngineConfig
 from deltaserve.server.errors import InvalidRequestError
 
@@ -164,6 +166,9 @@ class Engine:
             worker_extension_cls=WORKER_EXTENSION if config.exclusive_deltas else "",
             disable_log_stats=config.disable_log_stats,
         )
+        # The engine core inherits this and leaves the server's process group: this process owns SIGTERM/SIGINT
+        # and the engine's shutdown (deltaserve.server.engine_process).
+        os.environ[env.ENGINE_OWN_GROUP] = "1"
         # The constructor blocks until the engine core and worker processes are up:
         # keep the event loop (and the health endpoint) responsive meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, usage_context=UsageContext.ENGINE_CONTEXT)

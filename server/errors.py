@@ -56,3 +56,11 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, int, str]:
         if cls in _STATUS:
             return _STATUS[cls]
     return _INTERNAL
+
+
+def client_message(exc: BaseException) -> str:
+    """What a client is told: a typed error's own message; for anything else (a bug, the server's file system)
+    only that it was internal — such messages can carry the server's paths, and they are logged instead."""
+    if isinstance(exc, DeltaServeError):
+        return str(exc) or type(exc).__name__
+    return "internal server error"

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from deltaserve.plugins.errors import DeltaServeError
 from deltaserve.plugins.registry import get_kind
 from deltaserve.server.engine import TokenLogprob
-from deltaserve.server.errors import InvalidRequestError, status_of
+from deltaserve.server.errors import InvalidRequestError, client_message, status_of
 from deltaserve.server.registry import LiveDelta
 from deltaserve.server.requests import InferenceRequest, SamplingFields
 from deltaserve.server.service import DeltaService, Routed
@@ -227,7 +227,7 @@ async def _abort(context, exc: Exception, method: str):
     code, _, _ = status_of(exc)
     if not isinstance(exc, DeltaServeError):
         log.exception("internal error in %s", method, exc_info=exc)
-    await context.abort(code, str(exc) or type(exc).__name__)
+    await context.abort(code, client_message(exc))
 
 
 class _Health(HealthServicer):

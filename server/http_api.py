@@ -42,11 +42,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deltaserve.plugins.errors import DeltaServeError
 from deltaserve.plugins.registry import get_kind
-from deltaserve.server.errors import InvalidRequestError, status_of
+from deltaserve.server.errors import InvalidRequestError, client_message, status_of
 from deltaserve.server.registry import LiveDelta
 from deltaserve.server.requests import InferenceRequest, SamplingFields
 from deltaserve.server.engine import Chunk, TokenLogprob
@@ -217,6 +217,17 @@ def _decode_files(files: dict[str, str]) -> list[tuple[str, bytes]]:
     return out
 
 
+def _register_body(raw: bytes) -> RegisterBody:
+    """``POST /v1/deltas``'s body, validated, with no key given twice (CPU-bound: call it off the event loop)."""
+    try:
+        body = RegisterBody.model_validate_json(raw)
+    except ValidationError as exc:  # answered like FastAPI's own body validation
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    if body.files is not None and (duplicated := _duplicate_keys(raw)):
+        raise InvalidRequestError(f"the body names {', '.join(f'`{k}`' for k in duplicated)} more than once (in `files`: one entry per path)")
+    return body
+
+
 def _duplicate_keys(raw: bytes) -> list[str]:
     """Keys given twice in one object of a JSON body (JSON allows it; the last would silently win)."""
     found: list[str] = []
@@ -344,8 +355,7 @@ async def _stream(routed: Routed, events: AsyncIterator[Chunk], head: dict, n: i
 
 def error_response(exc: Exception) -> JSONResponse:
     _, http_status, err_type = status_of(exc)
-    message = str(exc) if isinstance(exc, DeltaServeError) else "internal server error"
-    return JSONResponse({"error": {"message": message, "type": err_type, "param": None, "code": http_status}}, status_code=http_status)
+    return JSONResponse({"error": {"message": client_message(exc), "type": err_type, "param": None, "code": http_status}}, status_code=http_status)
 
 
 def _sse(obj: dict | str) -> bytes:
@@ -374,6 +384,38 @@ def _bearer(request: Request) -> str | None:
 # ---- the app ------------------------------------------------------------------------
 
 
+class _LastResort:
+    """Any exception no handler maps becomes a 500 in the OpenAI error shape, on a connection that stays open.
+
+    Not ``@app.exception_handler(Exception)``: Starlette runs that handler in its outermost middleware and then
+    re-raises, and uvicorn answers a re-raised exception by closing the connection. Added with
+    ``add_middleware``, this sits inside that middleware and swallows the exception once it has answered. An
+    exception after the response has started (mid-stream) still ends the connection: nothing else can tell the
+    client that the body is incomplete.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            await error_response(exc)(scope, receive, send)  # no server detail: see client_message
+
+
 def create_app(service: DeltaService) -> FastAPI:
     app = FastAPI(title="deltaserve", version="1", docs_url="/docs", redoc_url=None)
     created = int(time.time())
@@ -394,10 +436,7 @@ def create_app(service: DeltaService) -> FastAPI:
         body = {"error": {"message": str(exc.detail), "type": err_type, "param": None, "code": exc.status_code}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(exc)  # OpenAI shape, no server detail leaked
+    app.add_middleware(_LastResort)
 
     @app.get("/health")
     async def health():
@@ -479,17 +518,15 @@ def create_app(service: DeltaService) -> FastAPI:
         return delta_json(service.delta(name))
 
     @app.post("/v1/deltas")
-    async def register_delta(body: RegisterBody, request: Request):
+    async def register_delta(request: Request):
         token = _bearer(request)
         service.check_admin(token)  # before decoding a possibly large body
+        # Parsed here, off the event loop, not by FastAPI: a body may be as large as the bundle limit (seconds of CPU).
+        body = await asyncio.to_thread(_register_body, await request.body())
         if (body.files is None) == (body.path is None):
             raise InvalidRequestError("give exactly one of `files` (path → base64) or `path`")
         if body.name is not None and not body.name.strip():
             raise InvalidRequestError("`name` must not be empty (omit it to use the bundle's own name)")
-        if body.files is not None:
-            duplicated = await asyncio.to_thread(_duplicate_keys, await request.body())
-            if duplicated:
-                raise InvalidRequestError(f"the body names {', '.join(f'`{k}`' for k in duplicated)} more than once (in `files`: one entry per path)")
         if body.files is not None:
             files = await asyncio.to_thread(_decode_files, body.files)
             delta = await service.register(token=token, files=files, name=body.name)

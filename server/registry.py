@@ -120,6 +120,10 @@ def _copy_synced(src: Path, dst: Path, max_bytes: int) -> None:
                 os.fsync(fo.fileno())
 
 
+UPLOAD = "<upload>"
+"""How refusals name an uploaded bundle (its files are named relative to it)."""
+
+
 class DeltaRegistry:
     """Registered deltas: persisted in ``store``, bound to ``engine``."""
 
@@ -243,7 +247,7 @@ class DeltaRegistry:
         if not problems:
             problems = path_set_problems([rel for rel, _ in files])
         if problems:
-            raise BundleError("<upload>", problems)
+            raise BundleError(UPLOAD, problems)
         staging = self.new_staging_dir()
         try:
             for rel, data in files:
@@ -279,8 +283,8 @@ class DeltaRegistry:
             raise
 
     async def _register_locked(self, source: Path, name: str | None, staged: bool) -> LiveDelta:
-        if not source.is_dir():
-            raise InvalidRequestError(f"`{source}` is not a directory")
+        if not staged:
+            self._check_source(source)
         staging = source if staged else self.new_staging_dir()
         try:
             if not staged:
@@ -291,8 +295,26 @@ class DeltaRegistry:
                 peft_dir, staging = staging, self.store / "staging" / uuid.uuid4().hex
                 await asyncio.to_thread(self._import_peft, peft_dir, staging, name or source.name)
             return await self._store_and_bind(staging, name)
+        except BundleError as exc:
+            # Validation ran on a staging copy: name what the client sent, never the server's directories.
+            raise BundleError(UPLOAD if staged else source, exc.problems) from None
+        except OSError as exc:
+            if staged or not str(exc.filename or "").startswith(str(source)):
+                raise  # the server's own file system failed: an internal error
+            raise InvalidRequestError(f"`{Path(exc.filename).relative_to(source)}` of the bundle directory cannot be read: {exc.strerror}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already if it was moved into the store
+
+    def _check_source(self, source: Path) -> None:
+        """A bundle directory named by path (``path`` mode): an existing directory outside the store."""
+        try:
+            if not source.is_dir():
+                raise InvalidRequestError(f"`{source}` is not a directory")
+            resolved, store = source.resolve(), self.store.resolve()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise InvalidRequestError(f"`path` cannot be used: {exc.strerror}") from None
+        if resolved == store or store in resolved.parents or resolved in store.parents:
+            raise InvalidRequestError("`path` must not be, hold or lie inside the server's store")
 
     async def _store_and_bind(self, staging: Path, name: str | None) -> LiveDelta:
         bundle = await asyncio.to_thread(read_bundle, staging, self.base, self.limits)

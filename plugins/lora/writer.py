@@ -89,10 +89,10 @@ def import_peft_adapter(
         problems.append(
             f"pickle-type file `{pickled[0]}` is not allowed; deltas are safetensors only (re-save with safe_serialization=True)"
             if pickled
-            else f"`{src}` has no `{ADAPTER_WEIGHTS}`"
+            else f"the adapter directory has no `{ADAPTER_WEIGHTS}`"
         )
     if not (src / ADAPTER_CONFIG).is_file():
-        problems.append(f"`{src}` has no `{ADAPTER_CONFIG}`")
+        problems.append(f"the adapter directory has no `{ADAPTER_CONFIG}`")
     if problems:
         raise BundleError(src, problems)
     config_bytes = (src / ADAPTER_CONFIG).read_bytes()
