@@ -59,13 +59,13 @@ def build_world(out: Path, config: WorldConfig | None = None, tasks: tuple[str, 
     if unknown:
         raise ValueError(f"unknown world task(s): {', '.join(f'`{n}`' for n in sorted(unknown))}")
     written = {}
-    for spec in TASKS:
-        if tasks is not None and spec.name not in tasks:
+    for task in TASKS:
+        if tasks is not None and task.name not in tasks:
             continue
-        train = config.general_train if spec.type == "general" else config.downstream_train
+        train = config.general_train if task.type == "general" else config.downstream_train
         sizes = {"train": train, "val": config.val, "test": config.test}
-        samples = {split: spec.generate(split, sizes[split], config.seed) for split in SPLITS}
-        written[spec.name] = write_task(out / spec.name, spec, samples)
+        samples = {split: task.generate(split, sizes[split], config.seed) for split in SPLITS}
+        written[task.name] = write_task(out / task.name, task, samples)
     manifest = {"world_version": WORLD_VERSION, "config": asdict(config), "tasks": sorted(written)}
     (out / "world.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return written
