@@ -71,7 +71,10 @@ def task_cards(downstream_root: Path, n_examples: int = 24, seed: int = 0) -> li
 
     cards = []
     for name, task in load_tasks(downstream_root, type="downstream", splits=("train",)).items():
-        examples = [(s.prompt, s.load_image() if s.image is not None else None) for s in pick_examples(task["train"], n_examples, seed)]
+        examples = [
+            (s.prompt, s.load_image() if s.image is not None else None)
+            for s in pick_examples(task["train"], n_examples, seed)
+        ]
         cards.append(TaskCard(name, "lora", task.info.description, examples))
     return cards
 
@@ -93,7 +96,9 @@ def split_queries(downstream_root: Path, general_root: Path, split: str, limit: 
         for name, task in load_tasks(root, type=kind, splits=(split,)).items():
             for s in task[split][:limit]:
                 image = s.load_image() if s.image is not None else None
-                out.append(Labeled(RouteQuery(s.prompt, image), name if kind == "downstream" else BASE, f"split:{name}"))
+                out.append(
+                    Labeled(RouteQuery(s.prompt, image), name if kind == "downstream" else BASE, f"split:{name}")
+                )
     return out
 
 
@@ -124,7 +129,9 @@ def set_queries(path: Path, pools: dict[str, list]) -> list[Labeled]:
     return out
 
 
-def make_router(base_dir: Path, cards: list[TaskCard], options: dict[str, str] | None = None, name: str = "auto") -> Router:
+def make_router(
+    base_dir: Path, cards: list[TaskCard], options: dict[str, str] | None = None, name: str = "auto"
+) -> Router:
     router = load_router(name, options or {}, base_dir=str(base_dir))
     router.update(cards)
     return router
@@ -144,7 +151,16 @@ def evaluate(router: Router, queries: list[Labeled], max_errors: int = 40) -> Re
         bucket[0] += chosen == q.expect
         bucket[1] += 1
         if chosen != q.expect and len(errors) < max_errors:
-            errors.append({"text": q.query.text, "image": q.query.image is not None, "expect": q.expect, "got": chosen, "group": q.group, "reason": decision.reason})
+            errors.append(
+                {
+                    "text": q.query.text,
+                    "image": q.query.image is not None,
+                    "expect": q.expect,
+                    "got": chosen,
+                    "group": q.group,
+                    "reason": decision.reason,
+                }
+            )
     return Report(
         n=len(queries),
         task_recall=right["task"][0] / max(1, right["task"][1]),
@@ -166,7 +182,9 @@ GRID = {
 CHOSEN = ("embedder", "C", "char_weight", "word_weight", "image_weight", "threshold")
 
 
-def choose_options(base_dir: Path, cards: list[TaskCard], val: list[Labeled], open_world: Path, log=print) -> tuple[dict[str, str], list[dict]]:
+def choose_options(
+    base_dir: Path, cards: list[TaskCard], val: list[Labeled], open_world: Path, log=print
+) -> tuple[dict[str, str], list[dict]]:
     """The auto router's options that maximise min(task recall, open-world precision) on the *validation* split.
 
     Ties (to two decimals) go to the earlier grid point. Image evidence does not depend on the text options:
@@ -193,7 +211,15 @@ def choose_options(base_dir: Path, cards: list[TaskCard], val: list[Labeled], op
                             bucket[0] += chosen == q.expect
                             bucket[1] += 1
                         recall, precision = hits["task"][0] / hits["task"][1], hits["base"][0] / hits["base"][1]
-                        rows.append({**text_options, "image_weight": image_weight, "threshold": threshold, "recall": recall, "precision": precision})
+                        rows.append(
+                            {
+                                **text_options,
+                                "image_weight": image_weight,
+                                "threshold": threshold,
+                                "recall": recall,
+                                "precision": precision,
+                            }
+                        )
     # The worse of the two rates, to two decimals (one validation request is 0.005 of a class):
     # equal scores go to the earlier grid point — max() keeps the first — so the semantic
     # embedder, listed first, wins ties.

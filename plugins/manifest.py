@@ -153,7 +153,14 @@ def relpath_problem(path: object) -> str | None:
     if len(path) > MAX_PATH_CHARS:
         return f"path `{shown}…` is longer than {MAX_PATH_CHARS} characters"
     pure = PurePosixPath(path)
-    if pure.is_absolute() or "\\" in path or ".." in pure.parts or str(pure) != path or path.startswith("./") or pure.parts in ((), (".",)):
+    if (
+        pure.is_absolute()
+        or "\\" in path
+        or ".." in pure.parts
+        or str(pure) != path
+        or path.startswith("./")
+        or pure.parts in ((), (".",))
+    ):
         return f"unsafe path `{shown}` (must be relative, normalised, without `.` or `..`)"
     if len(pure.parts) > MAX_PATH_DEPTH or any(len(part) > MAX_PATH_COMPONENT_CHARS for part in pure.parts):
         return f"path `{shown}` is deeper than {MAX_PATH_DEPTH} levels or has a name longer than {MAX_PATH_COMPONENT_CHARS} characters"

@@ -105,10 +105,16 @@ def _copy_synced(src: Path, dst: Path, max_bytes: int) -> None:
     for root, dirs, files in os.walk(src, followlinks=False):
         rel_root = Path(root).relative_to(src)
         (dst / rel_root).mkdir(parents=True, exist_ok=True)
-        odd = [n for n in (*dirs, *files) if (Path(root) / n).is_symlink() or not ((Path(root) / n).is_file() or (Path(root) / n).is_dir())]
+        odd = [
+            n
+            for n in (*dirs, *files)
+            if (Path(root) / n).is_symlink() or not ((Path(root) / n).is_file() or (Path(root) / n).is_dir())
+        ]
         if odd:
             names = ", ".join(f"`{(rel_root / n).as_posix()}`" for n in sorted(odd))
-            raise InvalidRequestError(f"the bundle directory holds {names}: only regular files and folders are accepted (no symlinks)")
+            raise InvalidRequestError(
+                f"the bundle directory holds {names}: only regular files and folders are accepted (no symlinks)"
+            )
         for name in files:
             s = Path(root) / name
             total += s.stat().st_size
@@ -123,7 +129,17 @@ def _copy_synced(src: Path, dst: Path, max_bytes: int) -> None:
 class DeltaRegistry:
     """Registered deltas: persisted in ``store``, bound to ``engine``."""
 
-    def __init__(self, store: Path, base_dir: Path, engine, *, max_bundle_bytes: int, limits: Limits = Limits(), exclusive=None, before_publish=None):
+    def __init__(
+        self,
+        store: Path,
+        base_dir: Path,
+        engine,
+        *,
+        max_bundle_bytes: int,
+        limits: Limits = Limits(),
+        exclusive=None,
+        before_publish=None,
+    ):
         self.store = Path(store)
         self.before_publish = before_publish
         """``async (deltas) -> commit``: called with the next set of live deltas while it is not yet
@@ -238,7 +254,9 @@ class DeltaRegistry:
         if total > self.max_bundle_bytes:
             raise ResourceExhaustedError(f"bundle is {total} bytes; the server's limit is {self.max_bundle_bytes}")
         if len(files) > self.limits.max_files:
-            raise InvalidRequestError(f"`files` has {len(files)} entries; a bundle holds at most {self.limits.max_files}")
+            raise InvalidRequestError(
+                f"`files` has {len(files)} entries; a bundle holds at most {self.limits.max_files}"
+            )
         problems = [p for rel, _ in files if (p := relpath_problem(rel))]
         if not problems:
             problems = path_set_problems([rel for rel, _ in files])
@@ -350,7 +368,9 @@ class DeltaRegistry:
             bundle = await asyncio.to_thread(read_bundle, path, self.base, self.limits)
         if digest is None:
             digest = await asyncio.to_thread(content_digest, path)
-        binding = binding_for(bundle.manifest.kind, name, digest, path, exclusive=self.exclusive, config=bundle.manifest.config)
+        binding = binding_for(
+            bundle.manifest.kind, name, digest, path, exclusive=self.exclusive, config=bundle.manifest.config
+        )
         await binding.bind(self.engine)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         return LiveDelta(name, bundle.manifest.kind, digest, path, bundle, binding, registered_at, size)
@@ -389,7 +409,12 @@ class DeltaRegistry:
             try:
                 await asyncio.wait_for(delta.drained.wait(), DRAIN_TIMEOUT_S)
             except TimeoutError:
-                log.warning("delta %s still has %d requests after %ss; detaching anyway", delta.name, delta.leases, DRAIN_TIMEOUT_S)
+                log.warning(
+                    "delta %s still has %d requests after %ss; detaching anyway",
+                    delta.name,
+                    delta.leases,
+                    DRAIN_TIMEOUT_S,
+                )
         await delta.binding.unbind(self.engine)
         shutil.rmtree(delta.path, ignore_errors=True)
 

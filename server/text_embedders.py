@@ -76,4 +76,6 @@ def load_text_embedder(spec: str) -> TextEmbedder | None:
         return WordLlamaEmbedder()
     if Path(spec).is_dir():
         return SentenceTransformerEmbedder(spec)
-    raise ValueError(f"router option `embedder` must be `wordllama`, `none` or a sentence-transformers model directory; got {spec!r}")
+    raise ValueError(
+        f"router option `embedder` must be `wordllama`, `none` or a sentence-transformers model directory; got {spec!r}"
+    )

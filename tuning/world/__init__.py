@@ -73,8 +73,17 @@ def build_world(out: Path, config: WorldConfig | None = None, tasks: tuple[str, 
 
 def world_key(config: WorldConfig, tasks: tuple[str, ...] | None = None) -> str:
     """Content key of a generated world: version, config, task selection and the generator's code."""
-    code = source_hash([digits, general, relations, render, scene_tasks, scenes, spec, text, writer, sys.modules[__name__]])
-    return stable_hash({"world_version": WORLD_VERSION, "config": asdict(config), "tasks": sorted(tasks) if tasks else None, "code": code})
+    code = source_hash(
+        [digits, general, relations, render, scene_tasks, scenes, spec, text, writer, sys.modules[__name__]]
+    )
+    return stable_hash(
+        {
+            "world_version": WORLD_VERSION,
+            "config": asdict(config),
+            "tasks": sorted(tasks) if tasks else None,
+            "code": code,
+        }
+    )
 
 
 def cached_world(config: WorldConfig | None = None, tasks: tuple[str, ...] | None = None) -> Path:
@@ -87,4 +96,13 @@ def cached_world(config: WorldConfig | None = None, tasks: tuple[str, ...] | Non
     return final
 
 
-__all__ = ["DOWNSTREAM_TASKS", "GENERAL_TASKS", "TASKS", "WORLD_VERSION", "WorldConfig", "build_world", "cached_world", "world_key"]
+__all__ = [
+    "DOWNSTREAM_TASKS",
+    "GENERAL_TASKS",
+    "TASKS",
+    "WORLD_VERSION",
+    "WorldConfig",
+    "build_world",
+    "cached_world",
+    "world_key",
+]
