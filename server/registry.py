@@ -5,6 +5,7 @@ Store layout::
     <store>/index.json               {"format_version", "base", "deltas": {name: record}}
     <store>/deltas/<name>-<digest>/  one validated bundle per registered version
     <store>/staging/                 uploads and copies in progress (wiped at start)
+    <store>/.index.json.<hex>.tmp    an index being written (renamed into place; removed at start)
 
 Crash consistency: a bundle is copied and fsync'ed into ``staging/``, validated
 there (never in the caller's directory, which could change under us), moved into
@@ -219,6 +220,8 @@ class DeltaRegistry:
         problems = []
         shutil.rmtree(self.store / "staging", ignore_errors=True)
         (self.store / "staging").mkdir()
+        for tmp in self.store.glob(f".{INDEX_FILE}.*.tmp"):  # an index write cut short before its rename
+            tmp.unlink()
         records = self._read_index()
         referenced = {self.store / r["dir"] for r in records.values()}
         for entry in (self.store / "deltas").iterdir():
@@ -384,6 +387,7 @@ class DeltaRegistry:
                 del live[name]
                 commit = await self._prepare_publish(live)
                 await asyncio.to_thread(self._write_index, live)
+                await _fault_point("unindexed", name)
                 commit()
                 self._live = live
                 self._update_gauges()
