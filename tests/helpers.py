@@ -91,3 +91,38 @@ def plugin_model(base_dir, bundle_dir):
     bundle = read_bundle(bundle_dir, BaseSpec.from_dir(base_dir))
     get_kind(bundle.manifest.kind)().apply(model, bundle)
     return model
+
+
+class FakeEngine:
+    """The engine as the registry and the service use it, for engine-free tests of *their* logic:
+    LoRA adapters are accepted and listed, never computed with. With ``base_dir`` it also has
+    the base's tokenizer and config, which is what request validation needs."""
+
+    model_name = "tiny-llava"
+
+    def __init__(self, base_dir=None):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(enable_lora=True)
+        self.errored = False
+        self.loras: set[int] = set()
+        if base_dir is not None:
+            from transformers import AutoConfig, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+            self.hf_config = AutoConfig.from_pretrained(str(base_dir))
+            self.max_model_len = self.hf_config.text_config.max_position_embeddings
+
+    async def add_lora(self, request):
+        self.loras.add(request.lora_int_id)
+        return True
+
+    async def remove_lora(self, lora_id):
+        self.loras.discard(lora_id)
+        return True
+
+    async def list_loras(self) -> set[int]:
+        return set(self.loras)
+
+    async def reset_prefix_cache(self):
+        return None

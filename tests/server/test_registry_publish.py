@@ -12,29 +12,14 @@ import asyncio
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from helpers import make_lora_bundle
+from helpers import FakeEngine, make_lora_bundle
 
 from deltaserve.plugins.bundle import content_digest
 from deltaserve.server import registry as registry_module
 from deltaserve.server.registry import INDEX_FILE, DeltaRegistry
-
-
-class FakeEngine:
-    model_name = "tiny-llava"
-    config = SimpleNamespace(enable_lora=True)
-
-    async def add_lora(self, request):
-        return True
-
-    async def remove_lora(self, lora_id):
-        return True
-
-    async def reset_prefix_cache(self):
-        return None
 
 
 def test_router_is_ready_before_requests_see_a_registration_or_an_unregistration(tiny_base, tmp_path):
