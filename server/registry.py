@@ -304,6 +304,8 @@ class DeltaRegistry:
             raise InvalidRequestError(f"`{source}` is not a directory")
         staging = source if staged else self.new_staging_dir()
         try:
+            if name is not None and (problem := task_name_problem(name)):
+                raise InvalidRequestError(problem)  # an empty name too: never a made-up one
             if not staged:
                 await asyncio.to_thread(_copy_synced, source, staging, self.max_bundle_bytes)
             if not (staging / MANIFEST_FILE).exists() and (staging / "adapter_config.json").exists():
