@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import threading
 import time
 import urllib.request
@@ -148,6 +150,32 @@ def test_verify_needs_the_admin_token(registered):
     with pytest.raises(urllib.error.HTTPError) as exc:
         _http_json(registered, "/v1/engine/verify", "POST")
     assert exc.value.code == 401
+
+
+def test_verify_reports_a_weight_that_differs(registered, tiny_base, tmp_path):
+    """Negative control of the check above: verify compares what the engine computes with against
+    the checkpoint files, so with one checkpoint tensor changed on disk after the engine loaded it,
+    exactly that tensor must be reported. (The shared base is put back before anything else runs;
+    the change is a new file, so nothing already mapped from the old one sees it.)"""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = tiny_base / "model.safetensors"
+    original, changed = tmp_path / "original.safetensors", tmp_path / "changed.safetensors"
+    shutil.copy2(checkpoint, original)
+    tensors = load_file(checkpoint)
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata()
+    name = next(n for n in sorted(tensors) if n.endswith("layers.0.self_attn.q_proj.weight"))  # fused in vLLM
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(changed), metadata=metadata)
+    try:
+        os.replace(changed, checkpoint)
+        verified = _http_json(registered, "/v1/engine/verify", "POST", ADMIN_TOKEN)
+    finally:
+        os.replace(original, checkpoint)
+    assert not verified["match"] and verified["mismatched"] == [name], verified
+    assert _http_json(registered, "/v1/engine/verify", "POST", ADMIN_TOKEN)["match"]
 
 
 async def _mixed_load(server, jobs, sample_images):

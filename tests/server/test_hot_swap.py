@@ -141,6 +141,9 @@ def test_base_rows_stay_base_when_every_lora_slot_is_full(server, tiny_base, hf_
                 peft_model(tiny_base, bundle), hf_processor, prompt, sample_images[1], MAX_TOKENS
             )
             admin.register(bundle)
+        # Negative control: a base row served with a slot's adapter must give a different answer,
+        # or the check below could not see the bug it is about.
+        assert all(expected[name] != expected[server.base_name] for name in names), expected
         results: list[tuple[str, list[int]]] = []
 
         def traffic(task: str) -> None:
