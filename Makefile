@@ -1,6 +1,7 @@
 # deltaserve — every target does its own set-up: `make test` and `make demo` work on a fresh clone.
 #
-#   make test    create .venv, install pinned deps, generate gRPC stubs, run the test suite
+#   make test    create .venv, install pinned deps, generate gRPC stubs, lint (ruff), run the test suite
+#   make lint    ruff check + ruff format --check
 #   make demo    the main job on the embedded default tiny base (see README)
 #   make bench-serving / bench-tuning   the benchmarks (figures, not pass/fail)
 #
@@ -21,7 +22,7 @@ PROTO_SRC := $(wildcard protos/deltaserve/v1/*.proto)
 PROTO_OUT := protos/deltaserve/v1/deltaserve_pb2.py
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
-.PHONY: install protos test demo bench-serving bench-tuning clean
+.PHONY: install protos lint test demo bench-serving bench-tuning clean
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -41,7 +42,11 @@ protos: $(PROTO_OUT)
 $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=protos --pyi_out=protos $(PROTO_SRC)
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: install

@@ -89,4 +89,3 @@ def machine_facts() -> dict:
         "platform": platform.platform(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
-

@@ -85,19 +85,42 @@ def run(name: str, overrides: dict, steps: int | None, seed: int) -> dict:
         "final_loss": meta["final_loss"],
         "train_s": meta["seconds"]["train"],
         "total_s": round(time.perf_counter() - started, 1),
-        "load_avg_5min": round(os.getloadavg()[1], 2),  # the machine is shared: train_s is only comparable at similar load
+        "load_avg_5min": round(
+            os.getloadavg()[1], 2
+        ),  # the machine is shared: train_s is only comparable at similar load
     }
 
 
 def table(records: list[dict]) -> str:
     tasks = sorted({t for r in records for t in r["exact_match"]})
-    head = ["option", "steps", "seed", *tasks, "caption F1", "general (EM)", "general (caption F1)", "loss", "train s", "load"]
+    head = [
+        "option",
+        "steps",
+        "seed",
+        *tasks,
+        "caption F1",
+        "general (EM)",
+        "general (caption F1)",
+        "loss",
+        "train s",
+        "load",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         em = r["exact_match"]
         with_f1 = {**em, "caption": r["token_f1"].get("caption", em.get("caption", 0.0))}
-        row = [r["option"], r["steps"], r["seed"], *(f"{em.get(t, 0):.2f}" for t in tasks), f"{with_f1.get('caption', 0):.2f}",
-               f"{sum(em.values()) / len(em):.3f}", f"{sum(with_f1.values()) / len(with_f1):.3f}", f"{r['final_loss']:.3f}", f"{r['train_s']:.0f}", r.get("load_avg_5min", "–")]
+        row = [
+            r["option"],
+            r["steps"],
+            r["seed"],
+            *(f"{em.get(t, 0):.2f}" for t in tasks),
+            f"{with_f1.get('caption', 0):.2f}",
+            f"{sum(em.values()) / len(em):.3f}",
+            f"{sum(with_f1.values()) / len(with_f1):.3f}",
+            f"{r['final_loss']:.3f}",
+            f"{r['train_s']:.0f}",
+            r.get("load_avg_5min", "–"),
+        ]
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(lines)
 
@@ -117,12 +140,18 @@ def write_md(path: Path, body: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--options", default="", help=f"comma-separated names from: {', '.join(OPTIONS)}; or ;-separated name=JSON overrides (dotted keys)")
+    parser.add_argument(
+        "--options",
+        default="",
+        help=f"comma-separated names from: {', '.join(OPTIONS)}; or ;-separated name=JSON overrides (dotted keys)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the PretrainConfig default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("docs/base-ablation.json"))
-    parser.add_argument("--md", type=Path, default=None, help="also rewrite this Markdown table from all records of --json")
+    parser.add_argument(
+        "--md", type=Path, default=None, help="also rewrite this Markdown table from all records of --json"
+    )
     args = parser.parse_args()
 
     import torch

@@ -33,7 +33,9 @@ from pathlib import Path
 import _common  # bench/_common.py (the script's directory is on sys.path)
 
 
-async def _throughput(engine, requests: int, concurrency: int, max_tokens: int, images, salt: str | None = None) -> dict:
+async def _throughput(
+    engine, requests: int, concurrency: int, max_tokens: int, images, salt: str | None = None
+) -> dict:
     from deltaserve.server.engine import GenerationInput, Sampling
 
     prompts = [engine.tokenizer(_common.prompt_text(q)).input_ids for q in _common.PROMPTS]
@@ -43,14 +45,25 @@ async def _throughput(engine, requests: int, concurrency: int, max_tokens: int, 
     async def one(k: int) -> None:
         nonlocal tokens
         async with sem:
-            inp = GenerationInput(f"b{time.monotonic_ns()}-{k}", prompts[k % len(prompts)], Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), image=images[k % len(images)], cache_salt=salt)
+            inp = GenerationInput(
+                f"b{time.monotonic_ns()}-{k}",
+                prompts[k % len(prompts)],
+                Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                image=images[k % len(images)],
+                cache_salt=salt,
+            )
             async for chunk in engine.generate(inp):
                 tokens += len(chunk.token_ids)
 
     started = time.perf_counter()
     await asyncio.gather(*(one(k) for k in range(requests)))
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "requests_per_s": requests / seconds}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "requests_per_s": requests / seconds,
+    }
 
 
 async def _decode_step_s(engine, images, max_tokens: int = 64) -> float:
@@ -59,7 +72,14 @@ async def _decode_step_s(engine, images, max_tokens: int = 64) -> float:
 
     ids = engine.tokenizer(_common.prompt_text(_common.PROMPTS[0])).input_ids
     stamps = []
-    async for chunk in engine.generate(GenerationInput(f"d{time.monotonic_ns()}", ids, Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), image=images[0])):
+    async for chunk in engine.generate(
+        GenerationInput(
+            f"d{time.monotonic_ns()}",
+            ids,
+            Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+            image=images[0],
+        )
+    ):
         stamps += [time.perf_counter()] * len(chunk.token_ids)
     gaps = [b - a for a, b in zip(stamps[1:], stamps[2:]) if b > a]
     return statistics.median(gaps)
@@ -70,7 +90,9 @@ async def _run_engine(base: Path, *, lora: bool, exclusive: bool, args, images, 
     from deltaserve.server.engine import Engine
 
     started = time.perf_counter()
-    engine = await Engine.start(EngineConfig(model=str(base), enable_lora=lora, exclusive_deltas=exclusive, kv_cache_memory_bytes=256 << 20))
+    engine = await Engine.start(
+        EngineConfig(model=str(base), enable_lora=lora, exclusive_deltas=exclusive, kv_cache_memory_bytes=256 << 20)
+    )
     out: dict = {"lora": lora, "exclusive": exclusive, "start_s": round(time.perf_counter() - started, 1)}
     try:
         if exclusive and sparse_bundle is not None:
@@ -78,9 +100,14 @@ async def _run_engine(base: Path, *, lora: bool, exclusive: bool, args, images, 
             from deltaserve.plugins.bundle import read_bundle
 
             bundle = read_bundle(sparse_bundle, BaseSpec.from_dir(base))
-            out["staged"] = await engine.worker_call("ds_stage", "bench@0", "sparse", str(sparse_bundle), bundle.manifest.config)
+            out["staged"] = await engine.worker_call(
+                "ds_stage", "bench@0", "sparse", str(sparse_bundle), bundle.manifest.config
+            )
         await _throughput(engine, 2 * args.concurrency, args.concurrency, args.max_tokens, images)  # warm-up
-        runs = [await _throughput(engine, args.requests, args.concurrency, args.max_tokens, images) for _ in range(args.repeats)]
+        runs = [
+            await _throughput(engine, args.requests, args.concurrency, args.max_tokens, images)
+            for _ in range(args.repeats)
+        ]
         out["base_tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs)
         out["runs"] = runs
         if exclusive and sparse_bundle is not None and not lora:
@@ -110,7 +137,9 @@ def _markdown(result: dict) -> str:
     rows = []
     for path in ("compiled", "eager"):
         r = result["tax"][path]
-        rows.append(f"| {path} ({'no LoRA' if path == 'compiled' else 'LoRA on'}) | {r['with']:.0f} | {r['without']:.0f} | **{r['ratio']:.3f}** |")
+        rows.append(
+            f"| {path} ({'no LoRA' if path == 'compiled' else 'LoRA on'}) | {r['with']:.0f} | {r['without']:.0f} | **{r['ratio']:.3f}** |"
+        )
     s = result["switch"]
     return "\n".join(
         [
@@ -163,13 +192,21 @@ async def main_async(args) -> dict:
         without = statistics.median(r["base_tokens_per_s"] for r in engines[(lora, False)])
         tax[path] = {"with": with_, "without": without, "ratio": with_ / without}
     switch_runs = [r for r in engines[(False, True)] if "switch_worker_ms" in r]
-    switch = {k: statistics.median(r[k] for r in switch_runs) for k in ("switch_worker_ms", "switch_round_trip_ms", "decode_step_ms", "sparse_state_tokens_per_s")}
+    switch = {
+        k: statistics.median(r[k] for r in switch_runs)
+        for k in ("switch_worker_ms", "switch_round_trip_ms", "decode_step_ms", "sparse_state_tokens_per_s")
+    }
     facts = _common.machine_facts()
     return {
         "command": "python bench/exclusive.py " + " ".join(sys.argv[1:]),
         "machine": f"{facts['cpu_model']}, {facts['nproc']} cores, torch {facts['torch']}, vllm {facts['vllm']}",
         "base": f"{base_kind}",
-        "workload": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens, "repeats": args.repeats},
+        "workload": {
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
+        },
         "tax": tax,
         "switch": switch,
         "engines": {f"lora={k[0]},exclusive={k[1]}": v for k, v in engines.items()},

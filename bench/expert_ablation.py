@@ -49,7 +49,9 @@ VARIANTS: dict[str, dict] = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", default="default", help="comma-separated names of VARIANTS, or inline JSON overrides name=json")
+    p.add_argument(
+        "--variants", default="default", help="comma-separated names of VARIANTS, or inline JSON overrides name=json"
+    )
     p.add_argument("--tasks", default="digits,relations")
     p.add_argument("--methods", default="spider,magnitude,full,lora,bottleneck")
     p.add_argument("--general-limit", type=int, default=50, help="val samples per general task (default 50)")
@@ -92,7 +94,9 @@ def run_one(base_dir: Path, task: str, method: str, config, general, progress: b
     tuner = get_method(method)(config.scope(), config.options)
     train_model, hooks = tuner.prepare(model)
     started = time.perf_counter()
-    result = train.train(train_model, processor, items, config.train_config(method), hooks, progress=progress, desc=f"{method}:{task}")
+    result = train.train(
+        train_model, processor, items, config.train_config(method), hooks, progress=progress, desc=f"{method}:{task}"
+    )
     tuner.finalize(base_dir)
     trained = time.perf_counter()
     model.eval()
@@ -127,22 +131,38 @@ def base_row(base_dir: Path, tasks, general) -> list[dict]:
     rows = []
     for task in tasks:
         val = data.load_task(world_task_dir(task), splits=("val",))["val"]
-        rows.append({"variant": "(base)", "overrides": {}, "task": task, "method": "–", "val_target": round(evaluate.evaluate(model, processor, val)["exact_match"], 4),
-                     "val_general": round(evaluate.general_score(scores), 4), "val_general_by_task": scores, "train_seconds": 0.0})
+        rows.append(
+            {
+                "variant": "(base)",
+                "overrides": {},
+                "task": task,
+                "method": "–",
+                "val_target": round(evaluate.evaluate(model, processor, val)["exact_match"], 4),
+                "val_general": round(evaluate.general_score(scores), 4),
+                "val_general_by_task": scores,
+                "train_seconds": 0.0,
+            }
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| option | method | digits val target | relations val target | val general (digits / relations run) | train s (digits / relations) |", "|---|---|---:|---:|---:|---:|"]
+    out = [
+        "| option | method | digits val target | relations val target | val general (digits / relations run) | train s (digits / relations) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     groups: dict[tuple[str, str], dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["method"]), {})[r["task"]] = r
     for (name, method), by_task in groups.items():
         d, rel = by_task.get("digits"), by_task.get("relations")
+
         def f(r, k):
             return "–" if r is None else (f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]))
 
-        out.append(f"| {name} | {method} | {f(d, 'val_target')} | {f(rel, 'val_target')} | {f(d, 'val_general')} / {f(rel, 'val_general')} | {f(d, 'train_seconds')} / {f(rel, 'train_seconds')} |")
+        out.append(
+            f"| {name} | {method} | {f(d, 'val_target')} | {f(rel, 'val_target')} | {f(d, 'val_general')} / {f(rel, 'val_general')} | {f(d, 'train_seconds')} / {f(rel, 'train_seconds')} |"
+        )
     return "\n".join(out)
 
 
@@ -154,7 +174,10 @@ def main(argv=None):
 
     base_dir = pretrain(PretrainConfig(), progress=not args.quiet).path
     gtasks = data.load_tasks(default_general_dir(), type="general", splits=("val",))
-    general = {"samples": {n: t["val"][: args.general_limit] for n, t in gtasks.items()}, "metrics": {n: t.info.metric for n, t in gtasks.items()}}
+    general = {
+        "samples": {n: t["val"][: args.general_limit] for n, t in gtasks.items()},
+        "metrics": {n: t.info.metric for n, t in gtasks.items()},
+    }
     done = []
     if args.jsonl.is_file():
         done = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
@@ -175,7 +198,19 @@ def main(argv=None):
                     if (name, task, method) in seen:
                         continue
                     print(f"[ablation] {name} {overrides} × {task} × {method}", file=sys.stderr, flush=True)
-                    row = {"variant": name, "overrides": overrides, **run_one(base_dir, task, method, config, general, not args.quiet, digit_words=overrides.get("digit_words", False))}
+                    row = {
+                        "variant": name,
+                        "overrides": overrides,
+                        **run_one(
+                            base_dir,
+                            task,
+                            method,
+                            config,
+                            general,
+                            not args.quiet,
+                            digit_words=overrides.get("digit_words", False),
+                        ),
+                    }
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     log.write(json.dumps(row) + "\n")
                     log.flush()

@@ -66,7 +66,9 @@ def main() -> None:
     print("digits linear probes (train → val):")
     for name in ftr:
         clf = LogisticRegression(max_iter=3000).fit(ftr[name], ytr)
-        print(f"  {name} [{ftr[name].shape[1]} dims]: train {clf.score(ftr[name], ytr):.3f}, val {clf.score(fva[name], yva):.3f}")
+        print(
+            f"  {name} [{ftr[name].shape[1]} dims]: train {clf.score(ftr[name], ytr):.3f}, val {clf.score(fva[name], yva):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -5,16 +5,19 @@
 Starts `deltaserve serve` on a random-init tiny base (child process), then per kind registers a fresh
 delta over gRPC and times until the first token of a streamed request to it arrives.
 """
+
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
 
 def main():
     from deltaserve.client.process import ServerProcess
     from deltaserve.client.sync import DeltaClient
     from deltaserve.tuning.base.factory import build_base
     from deltaserve.tuning.synthetic import make_lora_bundle, make_sparse_bundle
+
     work = Path(tempfile.mkdtemp())
     base = build_base(work / "base", seed=0)
     t = time.perf_counter()
@@ -35,9 +38,16 @@ def main():
                             break
                     lat.append(time.perf_counter() - t)
                 out[kind] = lat
-                print(kind, "register→first token: median", round(1e3 * statistics.median(lat)), "ms", [round(1e3 * x) for x in lat])
+                print(
+                    kind,
+                    "register→first token: median",
+                    round(1e3 * statistics.median(lat)),
+                    "ms",
+                    [round(1e3 * x) for x in lat],
+                )
     finally:
         srv.stop()
+
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import routing_eval as E  # noqa: E402
 
-TARGETS = {"split_recall": 0.95, "split_precision": 0.95, "hand_recall": 0.90, "hand_precision": 0.95, "ms_p50_16_tasks": 3.0}
+TARGETS = {
+    "split_recall": 0.95,
+    "split_precision": 0.95,
+    "hand_recall": 0.90,
+    "hand_precision": 0.95,
+    "ms_p50_16_tasks": 3.0,
+}
 
 
 def sixteen_tasks(down: Path, gen: Path) -> list:
@@ -43,7 +49,10 @@ def sixteen_tasks(down: Path, gen: Path) -> list:
     from deltaserve.server.routing import TaskCard
     from deltaserve.tuning.data import load_tasks, pick_examples
 
-    tasks = {**load_tasks(down, type="downstream", splits=("train",)), **load_tasks(gen, type="general", splits=("train",))}
+    tasks = {
+        **load_tasks(down, type="downstream", splits=("train",)),
+        **load_tasks(gen, type="general", splits=("train",)),
+    }
     cards = []
     for draw in (0, 1):
         for name, task in sorted(tasks.items()):
@@ -94,10 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for label, (name, options) in candidates.items():
         router = E.make_router(base, cards, options, name=name)
-        results[label] = {"router": name, "options": options, "test": E.evaluate(router, test).to_json(), "hand": E.evaluate(router, hand).to_json()}
+        results[label] = {
+            "router": name,
+            "options": options,
+            "test": E.evaluate(router, test).to_json(),
+            "hand": E.evaluate(router, hand).to_json(),
+        }
         r = results[label]
-        print(f"{label:42s} test {r['test']['task_recall']:.3f}/{r['test']['open_world_precision']:.3f}  "
-              f"hand {r['hand']['task_recall']:.3f}/{r['hand']['open_world_precision']:.3f}  {r['test']['route_ms_p50']:.2f} ms", flush=True)
+        print(
+            f"{label:42s} test {r['test']['task_recall']:.3f}/{r['test']['open_world_precision']:.3f}  "
+            f"hand {r['hand']['task_recall']:.3f}/{r['hand']['open_world_precision']:.3f}  {r['test']['route_ms_p50']:.2f} ms",
+            flush=True,
+        )
 
     many = E.make_router(base, sixteen_tasks(down, gen), {**chosen, **ow})
     ms16 = route_ms(many, test)
@@ -125,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "routing-results.json").write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
     (args.out / "routing-results.md").write_text(markdown(result), encoding="utf-8")
-    print(json.dumps(figures), "passed" if all(passed.values()) else f"MISSED {[k for k, ok in passed.items() if not ok]}")
+    print(
+        json.dumps(figures), "passed" if all(passed.values()) else f"MISSED {[k for k, ok in passed.items() if not ok]}"
+    )
     return 0 if all(passed.values()) else 1
 
 
@@ -160,8 +179,10 @@ def markdown(result: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     for label, r in result["candidates"].items():
-        lines.append(f"| {label} | {r['test']['task_recall']:.3f} / {r['test']['open_world_precision']:.3f} | "
-                     f"{r['hand']['task_recall']:.3f} / {r['hand']['open_world_precision']:.3f} | {r['test']['route_ms_p50']:.2f} |")
+        lines.append(
+            f"| {label} | {r['test']['task_recall']:.3f} / {r['test']['open_world_precision']:.3f} | "
+            f"{r['hand']['task_recall']:.3f} / {r['hand']['open_world_precision']:.3f} | {r['test']['route_ms_p50']:.2f} |"
+        )
     f = result["figures"]
     lines += [
         "",
@@ -172,13 +193,23 @@ def markdown(result: dict) -> str:
     ]
     for k, v in f.items():
         lines.append(f"| {k} | {v:.3f} | {result['targets'][k]} | {'yes' if result['passed'][k] else '**no**'} |")
-    lines += ["", "`ms_p50_16_tasks`: p50 of `route()` over the test split's requests with 16 registered tasks.", "",
-              "## Confusion (chosen router)", "", "Hand-written sets, by style:", ""]
+    lines += [
+        "",
+        "`ms_p50_16_tasks`: p50 of `route()` over the test split's requests with 16 registered tasks.",
+        "",
+        "## Confusion (chosen router)",
+        "",
+        "Hand-written sets, by style:",
+        "",
+    ]
     lines += _confusion(main["hand"], "")
     lines += ["", "Test split, by task:", ""]
     lines += _confusion(main["test"], "split:")
     lines += ["", "## Errors of the chosen router on the hand-written sets (up to 40)", ""]
-    lines += [f"- `{e['group']}` {json.dumps(e['text'], ensure_ascii=False)} (image: {e['image']}) → `{e['got']}`" for e in main["hand"]["errors"]]
+    lines += [
+        f"- `{e['group']}` {json.dumps(e['text'], ensure_ascii=False)} (image: {e['image']}) → `{e['got']}`"
+        for e in main["hand"]["errors"]
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -74,7 +74,10 @@ def task_cards(downstream_root: Path, n_examples: int = 24, seed: int = 0) -> li
 
     cards = []
     for name, task in load_tasks(downstream_root, type="downstream", splits=("train",)).items():
-        examples = [(s.prompt, s.load_image() if s.image is not None else None) for s in pick_examples(task["train"], n_examples, seed)]
+        examples = [
+            (s.prompt, s.load_image() if s.image is not None else None)
+            for s in pick_examples(task["train"], n_examples, seed)
+        ]
         cards.append(TaskCard(name, "lora", task.info.description, examples))
     return cards
 
@@ -96,7 +99,9 @@ def split_queries(downstream_root: Path, general_root: Path, split: str, limit: 
         for name, task in load_tasks(root, type=kind, splits=(split,)).items():
             for s in task[split][:limit]:
                 image = s.load_image() if s.image is not None else None
-                out.append(Labeled(RouteQuery(s.prompt, image), name if kind == "downstream" else BASE, f"split:{name}"))
+                out.append(
+                    Labeled(RouteQuery(s.prompt, image), name if kind == "downstream" else BASE, f"split:{name}")
+                )
     return out
 
 
@@ -127,7 +132,9 @@ def set_queries(path: Path, pools: dict[str, list]) -> list[Labeled]:
     return out
 
 
-def make_router(base_dir: Path, cards: list[TaskCard], options: dict[str, str] | None = None, name: str = "auto") -> Router:
+def make_router(
+    base_dir: Path, cards: list[TaskCard], options: dict[str, str] | None = None, name: str = "auto"
+) -> Router:
     router = load_router(name, options or {}, base_dir=str(base_dir))
     router.update(cards)
     return router
@@ -147,7 +154,16 @@ def evaluate(router: Router, queries: list[Labeled], max_errors: int = 40) -> Re
         bucket[0] += chosen == q.expect
         bucket[1] += 1
         if chosen != q.expect and len(errors) < max_errors:
-            errors.append({"text": q.query.text, "image": q.query.image is not None, "expect": q.expect, "got": chosen, "group": q.group, "reason": decision.reason})
+            errors.append(
+                {
+                    "text": q.query.text,
+                    "image": q.query.image is not None,
+                    "expect": q.expect,
+                    "got": chosen,
+                    "group": q.group,
+                    "reason": decision.reason,
+                }
+            )
     return Report(
         n=len(queries),
         task_recall=right["task"][0] / max(1, right["task"][1]),

@@ -133,7 +133,9 @@ def salt(round_no: int, path: str, name: str) -> int:
 # ---- measurement --------------------------------------------------------------------
 
 
-async def measure(call, reqs: list[Req], concurrency: int, api_pid: int, client_pid: int | None) -> tuple[dict, list[list[int]]]:
+async def measure(
+    call, reqs: list[Req], concurrency: int, api_pid: int, client_pid: int | None
+) -> tuple[dict, list[list[int]]]:
     """Run ``reqs`` closed-loop with ``concurrency`` in flight; ``call(req) -> token ids``.
 
     ``api_pid``: the process holding the ``AsyncLLM``; ``client_pid``: this process when it is
@@ -167,7 +169,11 @@ async def measure(call, reqs: list[Req], concurrency: int, api_pid: int, client_
         "p50_ms": 1e3 * _common.percentile(latencies, 50),
         "p99_ms": 1e3 * _common.percentile(latencies, 99),
         "mean_ms": 1e3 * statistics.fmean(latencies),
-        "cpu_s": {"api_process": round(api_cpu, 2), "engine_processes": round(engine_cpu, 2), "client": round(client1 - client0, 2)},
+        "cpu_s": {
+            "api_process": round(api_cpu, 2),
+            "engine_processes": round(engine_cpu, 2),
+            "client": round(client1 - client0, 2),
+        },
         # The front end's CPU per generated token: the process holding the AsyncLLM (request handling,
         # output processing) plus the client. The engine processes are left out: they busy-wait on
         # their shared-memory queues (vLLM's spin loops), so their CPU time grows with idle cores.
@@ -183,7 +189,13 @@ async def run_path(path: str, call, args, round_no: int, api_pid: int, client_pi
     await measure(call, warm, args.concurrency, api_pid, client_pid)
     out: dict = {}
     for name in WORKLOADS:
-        stats, outputs = await measure(call, workload(args.requests, mixed=name == "mixed", salt=salt(round_no, path, name)), args.concurrency, api_pid, client_pid)
+        stats, outputs = await measure(
+            call,
+            workload(args.requests, mixed=name == "mixed", salt=salt(round_no, path, name)),
+            args.concurrency,
+            api_pid,
+            client_pid,
+        )
         out[name] = stats
         out[f"{name}_outputs"] = outputs
         print(f"  {path:<9} {name:<5} {stats['tokens_per_s']:8.0f} tok/s {stats['requests_per_s']:7.2f} req/s "
@@ -245,8 +257,17 @@ async def direct_path(base: Path, bundles: dict[str, Path], args, round_no: int)
 
 def chat_body(req: Req, model: str, max_tokens: int) -> dict:
     """The OpenAI chat request both HTTP paths get: the image as a data URL and the question (one user turn)."""
-    content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{req.image_b64}"}}, {"type": "text", "text": req.question}]
-    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0.0, "return_token_ids": True}
+    content = [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{req.image_b64}"}},
+        {"type": "text", "text": req.question},
+    ]
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "return_token_ids": True,
+    }
 
 
 async def http_chat_call(http, req: Req, model: str, max_tokens: int) -> list[int]:
@@ -256,7 +277,9 @@ async def http_chat_call(http, req: Req, model: str, max_tokens: int) -> list[in
     return r.json()["choices"][0]["token_ids"]
 
 
-async def server_paths(base: Path, bundles: dict[str, Path], work: Path, round_no: int, order: tuple[str, ...], args) -> dict:
+async def server_paths(
+    base: Path, bundles: dict[str, Path], work: Path, round_no: int, order: tuple[str, ...], args
+) -> dict:
     """(b) and (c): one ``deltaserve serve`` child process, both front ends."""
     import httpx
 
@@ -265,7 +288,9 @@ async def server_paths(base: Path, bundles: dict[str, Path], work: Path, round_n
     for attempt in (1, 2):  # one retry: on a shared machine a start-up can be killed from outside
         started = time.perf_counter()
         try:
-            server = await asyncio.to_thread(ServerProcess, base, work / f"store-{round_no}-{attempt}", *server_flags(), base_env=CLEAN_ENV)
+            server = await asyncio.to_thread(
+                ServerProcess, base, work / f"store-{round_no}-{attempt}", *server_flags(), base_env=CLEAN_ENV
+            )
             break
         except RuntimeError as exc:
             if attempt == 2:
@@ -281,7 +306,13 @@ async def server_paths(base: Path, bundles: dict[str, Path], work: Path, round_n
             async with httpx.AsyncClient(base_url=server.http, limits=limits, timeout=600) as http:
 
                 async def grpc_call(req: Req) -> list[int]:
-                    g = await client.generate(req.prompt, image=req.png, task=req.task or server.base_name, max_tokens=args.max_tokens, temperature=0.0)
+                    g = await client.generate(
+                        req.prompt,
+                        image=req.png,
+                        task=req.task or server.base_name,
+                        max_tokens=args.max_tokens,
+                        temperature=0.0,
+                    )
                     return g.token_ids
 
                 async def http_call(req: Req) -> list[int]:
@@ -332,7 +363,9 @@ METRICS = ("tokens_per_s", "requests_per_s", "p50_ms", "p99_ms", "frontend_cpu_m
 
 def summarize(rounds: list[dict]) -> tuple[dict, dict]:
     """Per path the median over rounds; ratios from the paired rounds (each round's ratio, then the median and range)."""
-    summary = {w: {p: {m: statistics.median(r[p][w][m] for r in rounds) for m in METRICS} for p in PATHS} for w in WORKLOADS}
+    summary = {
+        w: {p: {m: statistics.median(r[p][w][m] for r in rounds) for m in METRICS} for p in PATHS} for w in WORKLOADS
+    }
     pairs = [(p, "direct") for p in SERVED] + [("http", "vllm-http")]
     ratios: dict = {w: {} for w in WORKLOADS}
     for w in WORKLOADS:
@@ -340,7 +373,11 @@ def summarize(rounds: list[dict]) -> tuple[dict, dict]:
             ratios[w][f"{a}/{b}"] = {}
             for m in METRICS:
                 per_round = [r[a][w][m] / r[b][w][m] for r in rounds]
-                ratios[w][f"{a}/{b}"][m] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+                ratios[w][f"{a}/{b}"][m] = {
+                    "median": statistics.median(per_round),
+                    "min": min(per_round),
+                    "max": max(per_round),
+                }
     return summary, ratios
 
 
@@ -366,7 +403,9 @@ def table(summary: dict, ratios: dict) -> str:
     for w in WORKLOADS:
         for p in PATHS:
             s = summary[w][p]
-            lines.append(f"| {w} | {p} | {s['tokens_per_s']:.0f} | {s['requests_per_s']:.2f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['frontend_cpu_ms_per_token']:.3f} |")
+            lines.append(
+                f"| {w} | {p} | {s['tokens_per_s']:.0f} | {s['requests_per_s']:.2f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['frontend_cpu_ms_per_token']:.3f} |"
+            )
     lines += ["", "| workload | ratio | tok/s | req/s | p50 | p99 | CPU/tok |", "|---|---|---:|---:|---:|---:|---:|"]
     for w in WORKLOADS:
         for name, r in ratios[w].items():
@@ -380,9 +419,30 @@ def targets(ratios: dict) -> list[dict]:
     out = []
     for w in WORKLOADS:
         for m in ("requests_per_s", "tokens_per_s"):
-            out.append({"what": f"{w}: HTTP ÷ vLLM's server, {m}", "value": ratios[w]["http/vllm-http"][m]["median"], "threshold": 1.0, "higher_is_better": True})
-        out.append({"what": f"{w}: HTTP ÷ vLLM's server, p99 latency", "value": ratios[w]["http/vllm-http"]["p99_ms"]["median"], "threshold": 1.1, "higher_is_better": False})
-        out.append({"what": f"{w}: gRPC ÷ direct, tokens_per_s", "value": ratios[w]["grpc/direct"]["tokens_per_s"]["median"], "threshold": TARGET, "higher_is_better": True})
+            out.append(
+                {
+                    "what": f"{w}: HTTP ÷ vLLM's server, {m}",
+                    "value": ratios[w]["http/vllm-http"][m]["median"],
+                    "threshold": 1.0,
+                    "higher_is_better": True,
+                }
+            )
+        out.append(
+            {
+                "what": f"{w}: HTTP ÷ vLLM's server, p99 latency",
+                "value": ratios[w]["http/vllm-http"]["p99_ms"]["median"],
+                "threshold": 1.1,
+                "higher_is_better": False,
+            }
+        )
+        out.append(
+            {
+                "what": f"{w}: gRPC ÷ direct, tokens_per_s",
+                "value": ratios[w]["grpc/direct"]["tokens_per_s"]["median"],
+                "threshold": TARGET,
+                "higher_is_better": True,
+            }
+        )
     for t in out:
         t["met"] = t["value"] >= t["threshold"] if t["higher_is_better"] else t["value"] <= t["threshold"]
     return out
@@ -395,7 +455,10 @@ def markdown(result: dict) -> str:
     for i, r in enumerate(result["rounds"]):
         cells = [f"{p} {r[p]['base']['requests_per_s']:.1f}/{r[p]['mixed']['requests_per_s']:.1f}" for p in PATHS]
         per_round.append(f"- round {i} (order {' → '.join(r['order'])}): " + ", ".join(cells) + " req/s (base/mixed)")
-    target_lines = [f"- {t['what']}: **{t['value']:.3f}** ({'≥' if t['higher_is_better'] else '≤'} {t['threshold']}: {'met' if t['met'] else 'not met'})" for t in result["targets"]]
+    target_lines = [
+        f"- {t['what']}: **{t['value']:.3f}** ({'≥' if t['higher_is_better'] else '≤'} {t['threshold']}: {'met' if t['met'] else 'not met'})"
+        for t in result["targets"]
+    ]
     return "\n".join(
         [
             "# Serving overhead: deltaserve against vLLM's own OpenAI server and the AsyncLLM called directly",
@@ -465,17 +528,35 @@ async def main_async(args) -> dict:
                 r.update(await server_paths(base, bundles, work, k, server_order, args))
             else:
                 r["vllm-http"] = await vllm_server_path(base, bundles, work, k, args)
-        r["order"] = [p for step in steps for p in ({"direct": ["direct"], "server": list(server_order), "vllm": ["vllm-http"]}[step])]
+        r["order"] = [
+            p
+            for step in steps
+            for p in ({"direct": ["direct"], "server": list(server_order), "vllm": ["vllm-http"]}[step])
+        ]
         rounds.append(r)
     summary, ratios = summarize(rounds)
     result = {
         "command": " ".join(["python bench/serving.py", *sys.argv[1:]]),
         "machine": machine,
         "base": base_kind,
-        "engine": {"max_num_seqs": MAX_NUM_SEQS, "kv_cache_memory_bytes": KV_CACHE_BYTES, "enable_lora": True, "max_loras": MAX_LORAS,
-                   "max_lora_rank": MAX_LORA_RANK, "exclusive_deltas": True, "dtype": "float32", "seed": SEED},  # fmt: skip
-        "workload": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens, "rounds": args.rounds,
-                     "lora_tasks": list(LORA_TASKS), "direct_output_kind": args.direct_output_kind},  # fmt: skip
+        "engine": {
+            "max_num_seqs": MAX_NUM_SEQS,
+            "kv_cache_memory_bytes": KV_CACHE_BYTES,
+            "enable_lora": True,
+            "max_loras": MAX_LORAS,
+            "max_lora_rank": MAX_LORA_RANK,
+            "exclusive_deltas": True,
+            "dtype": "float32",
+            "seed": SEED,
+        },  # fmt: skip
+        "workload": {
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "lora_tasks": list(LORA_TASKS),
+            "direct_output_kind": args.direct_output_kind,
+        },  # fmt: skip
         "summary": summary,
         "ratios": ratios,
         "targets": targets(ratios),
@@ -486,7 +567,14 @@ async def main_async(args) -> dict:
             "vllm-http": round(statistics.median(r["vllm-http"]["start_s"] for r in rounds), 1),
         },
         "rounds": [
-            {p: ({kk: vv for kk, vv in v.items() if not kk.endswith("_outputs") and kk != "expected"} if isinstance(v, dict) else v) for p, v in r.items()}
+            {
+                p: (
+                    {kk: vv for kk, vv in v.items() if not kk.endswith("_outputs") and kk != "expected"}
+                    if isinstance(v, dict)
+                    else v
+                )
+                for p, v in r.items()
+            }
             for r in rounds
         ],
     }
@@ -499,10 +587,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="Requests per measurement.")
     parser.add_argument("--concurrency", type=int, default=16, help="Requests in flight (closed loop).")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="Rounds (each runs every path once, order alternating); figures are medians.")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="Rounds (each runs every path once, order alternating); figures are medians.",
+    )
     parser.add_argument("--direct-output-kind", choices=("delta", "final"), default="delta",
                         help="RequestOutputKind of the direct path: delta (what the server uses) or final (FINAL_ONLY).")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("docs/serving-bench.json"), help="JSON output; markdown goes beside it (.md).")
+    parser.add_argument(
+        "--out", type=Path, default=Path("docs/serving-bench.json"), help="JSON output; markdown goes beside it (.md)."
+    )
     args = parser.parse_args()
     if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1 or args.rounds < 1:
         parser.error("--requests, --concurrency, --max-tokens and --rounds must be ≥ 1")

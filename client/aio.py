@@ -1,7 +1,7 @@
 """asyncio gRPC client (``grpc.aio``); same methods as :class:`deltaserve.client.sync.DeltaClient`.
 
-    async with AsyncDeltaClient("127.0.0.1:50051") as client:
-        out = await client.generate("Describe the image.", image=png_bytes, chat=True)
+async with AsyncDeltaClient("127.0.0.1:50051") as client:
+    out = await client.generate("Describe the image.", image=png_bytes, chat=True)
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class AsyncDeltaClient:
 
     async def generate(self, prompt: str, **kwargs) -> Generation:
         try:
-            return Generation.from_pb(await self.inference.Generate(generate_request(prompt, **kwargs), timeout=self.timeout))
+            return Generation.from_pb(
+                await self.inference.Generate(generate_request(prompt, **kwargs), timeout=self.timeout)
+            )
         except grpc.RpcError as exc:
             raise client_error(exc) from None
 
@@ -47,14 +49,18 @@ class AsyncDeltaClient:
     async def register(self, bundle_dir, name: str | None = None) -> pb.DeltaInfo:
         try:
             return await self.registry.Register(
-                pb.RegisterRequest(files=bundle_files(bundle_dir), name=name or ""), timeout=self.timeout, metadata=metadata(self.admin_token)
+                pb.RegisterRequest(files=bundle_files(bundle_dir), name=name or ""),
+                timeout=self.timeout,
+                metadata=metadata(self.admin_token),
             )
         except grpc.RpcError as exc:
             raise client_error(exc) from None
 
     async def unregister(self, name: str) -> None:
         try:
-            await self.registry.Unregister(pb.UnregisterRequest(name=name), timeout=self.timeout, metadata=metadata(self.admin_token))
+            await self.registry.Unregister(
+                pb.UnregisterRequest(name=name), timeout=self.timeout, metadata=metadata(self.admin_token)
+            )
         except grpc.RpcError as exc:
             raise client_error(exc) from None
 

@@ -19,7 +19,15 @@ def main() -> None:
 
 
 main.add_command(cli_base.base)
-for _cmd in (cli_server.serve, cli_server.register, cli_server.unregister, cli_server.list_cmd, cli_server.generate, cli_server.route, cli_server.metrics):
+for _cmd in (
+    cli_server.serve,
+    cli_server.register,
+    cli_server.unregister,
+    cli_server.list_cmd,
+    cli_server.generate,
+    cli_server.route,
+    cli_server.metrics,
+):
     main.add_command(_cmd)
 main.add_command(cli_data.data)
 main.add_command(cli_demo.demo)

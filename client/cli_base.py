@@ -15,7 +15,13 @@ def base() -> None:
 
 
 @base.command("build")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write (must not exist or be empty).")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write (must not exist or be empty).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the random initialisation.")
 def build(out: Path, seed: int) -> None:
     """Build the tiny random-init LLaVA base (deterministic per seed)."""
@@ -26,7 +32,11 @@ def build(out: Path, seed: int) -> None:
         raise click.UsageError(f"`--out` {out} exists and is not empty")
     started = time.perf_counter()
     build_base(out, seed=seed)
-    click.echo(json.dumps({"out": str(out), "fingerprint": fingerprint(out), "seconds": round(time.perf_counter() - started, 2)}))
+    click.echo(
+        json.dumps(
+            {"out": str(out), "fingerprint": fingerprint(out), "seconds": round(time.perf_counter() - started, 2)}
+        )
+    )
 
 
 @base.command("fingerprint")
@@ -39,7 +49,13 @@ def fingerprint_cmd(base_dir: Path) -> None:
 
 
 @base.command("pretrain")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write (must not exist or be empty).")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write (must not exist or be empty).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the initialisation and the batch order.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Optimizer steps (default: the tuned default).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

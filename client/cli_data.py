@@ -15,13 +15,30 @@ def data() -> None:
 
 
 @data.command("build")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write (must not exist or be empty).")
-@click.option("--seed", default=0, show_default=True, help="World seed: scenes, renders, phrasings and split assignment.")
-@click.option("--general-train", default=None, type=click.IntRange(min=1), help="Training samples per general task (default: the world's default).")
-@click.option("--downstream-train", default=None, type=click.IntRange(min=1), help="Training samples per downstream task.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write (must not exist or be empty).",
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="World seed: scenes, renders, phrasings and split assignment."
+)
+@click.option(
+    "--general-train",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Training samples per general task (default: the world's default).",
+)
+@click.option(
+    "--downstream-train", default=None, type=click.IntRange(min=1), help="Training samples per downstream task."
+)
 @click.option("--val", default=None, type=click.IntRange(min=1), help="Validation samples per task.")
 @click.option("--test", default=None, type=click.IntRange(min=1), help="Test samples per task.")
-def build(out: Path, seed: int, general_train: int | None, downstream_train: int | None, val: int | None, test: int | None) -> None:
+def build(
+    out: Path, seed: int, general_train: int | None, downstream_train: int | None, val: int | None, test: int | None
+) -> None:
     """Write every world task (general and downstream) as task directories under --out."""
     from dataclasses import replace
 
@@ -35,7 +52,10 @@ def build(out: Path, seed: int, general_train: int | None, downstream_train: int
     started = time.perf_counter()
     with atomic_dir(out) as tmp:
         written = build_world(tmp, config)
-    counts = {name: {s: sum(1 for _ in (out / name / f"{s}.jsonl").open()) for s in ("train", "val", "test")} for name in written}
+    counts = {
+        name: {s: sum(1 for _ in (out / name / f"{s}.jsonl").open()) for s in ("train", "val", "test")}
+        for name in written
+    }
     click.echo(json.dumps({"out": str(out), "tasks": counts, "seconds": round(time.perf_counter() - started, 2)}))
 
 

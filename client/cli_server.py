@@ -12,11 +12,15 @@ from deltaserve.client.common import DEFAULT_SERVER, DeltaClientError, Routing
 from deltaserve.plugins import env
 
 _server_option = click.option(
-    "--server", default=lambda: env.server_address() or DEFAULT_SERVER, show_default="DELTASERVE_SERVER or 127.0.0.1:50051",
+    "--server",
+    default=lambda: env.server_address() or DEFAULT_SERVER,
+    show_default="DELTASERVE_SERVER or 127.0.0.1:50051",
     help="gRPC address of the server.",
 )
 _token_option = click.option(
-    "--admin-token", default=lambda: env.admin_token(), show_default="DELTASERVE_ADMIN_TOKEN",
+    "--admin-token",
+    default=lambda: env.admin_token(),
+    show_default="DELTASERVE_ADMIN_TOKEN",
     help="Admin token for registry mutations.",
 )
 
@@ -26,36 +30,112 @@ def _fail(exc: DeltaClientError) -> None:
 
 
 @click.command()
-@click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Base model directory.")
-@click.option("--store", required=True, type=click.Path(file_okay=False, path_type=Path), help="Delta store directory (created).")
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Base model directory.",
+)
+@click.option(
+    "--store", required=True, type=click.Path(file_okay=False, path_type=Path), help="Delta store directory (created)."
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--grpc-port", default=50051, show_default=True, help="0 picks a free port.")
 @click.option("--http-port", default=8000, show_default=True, help="0 picks a free port.")
-@click.option("--admin-token", default=lambda: env.admin_token(), help="Require this bearer token for registry mutations (env DELTASERVE_ADMIN_TOKEN).")
-@click.option("--served-model-name", default=None, help="Name of the base model for clients (default: the directory name).")
+@click.option(
+    "--admin-token",
+    default=lambda: env.admin_token(),
+    help="Require this bearer token for registry mutations (env DELTASERVE_ADMIN_TOKEN).",
+)
+@click.option(
+    "--served-model-name", default=None, help="Name of the base model for clients (default: the directory name)."
+)
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--max-model-len", type=int, default=None, help="Context length (default: the model's).")
 @click.option("--max-num-seqs", default=64, show_default=True, help="Most sequences per engine step.")
 @click.option("--max-loras", default=4, show_default=True, help="Distinct LoRA deltas in one batch.")
 @click.option("--max-lora-rank", default=16, show_default=True)
 @click.option("--max-cpu-loras", type=int, default=None, help="LoRA deltas kept loaded (default max(max-loras, 16)).")
-@click.option("--kv-cache-memory-bytes", type=int, default=512 * 1024 * 1024, show_default=True, help="KV cache size; 0 = size by --gpu-memory-utilization.")
-@click.option("--gpu-memory-utilization", default=0.4, show_default=True, help="Memory fraction for vLLM when the KV cache is not sized explicitly.")
+@click.option(
+    "--kv-cache-memory-bytes",
+    type=int,
+    default=512 * 1024 * 1024,
+    show_default=True,
+    help="KV cache size; 0 = size by --gpu-memory-utilization.",
+)
+@click.option(
+    "--gpu-memory-utilization",
+    default=0.4,
+    show_default=True,
+    help="Memory fraction for vLLM when the KV cache is not sized explicitly.",
+)
 @click.option("--enforce-eager", is_flag=True, help="Disable torch.compile in vLLM.")
 @click.option("--no-lora", is_flag=True, help="Serve without multi-LoRA (then vLLM compiles the decoder on CPU).")
 @click.option("--no-exclusive", is_flag=True, help="Do not load the worker extension for sparse/bottleneck deltas.")
-@click.option("--router", default="auto", show_default=True, help="Router for requests without a task (entry point group deltaserve.routers).")
-@click.option("--router-opt", multiple=True, metavar="KEY=VALUE", help="Router option, e.g. threshold=0.5 (repeatable).")
-@click.option("--max-state-wait", type=float, default=2.0, show_default=True, help="Fairness bound (s) of the engine-state scheduler.")
-@click.option("--state-batch-wait", type=float, default=0.05, show_default=True, help="Wait (s) for more requests before switching into an exclusive state.")
-@click.option("--grace-period", type=float, default=30.0, show_default=True, help="Seconds in-flight requests may take to finish on SIGTERM.")
+@click.option(
+    "--router",
+    default="auto",
+    show_default=True,
+    help="Router for requests without a task (entry point group deltaserve.routers).",
+)
+@click.option(
+    "--router-opt", multiple=True, metavar="KEY=VALUE", help="Router option, e.g. threshold=0.5 (repeatable)."
+)
+@click.option(
+    "--max-state-wait",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Fairness bound (s) of the engine-state scheduler.",
+)
+@click.option(
+    "--state-batch-wait",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Wait (s) for more requests before switching into an exclusive state.",
+)
+@click.option(
+    "--grace-period",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight requests may take to finish on SIGTERM.",
+)
 @click.option("--default-max-tokens", default=64, show_default=True)
 @click.option("--max-image-pixels", default=4096 * 4096, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--log-level", default="INFO", show_default=True)
-def serve(base_dir, store, host, grpc_port, http_port, admin_token, served_model_name, dtype, max_model_len, max_num_seqs, max_loras,
-          max_lora_rank, max_cpu_loras, kv_cache_memory_bytes, gpu_memory_utilization, enforce_eager, no_lora, no_exclusive, router,
-          router_opt, max_state_wait, state_batch_wait, grace_period, default_max_tokens, max_image_pixels, seed, log_level) -> None:
+def serve(
+    base_dir,
+    store,
+    host,
+    grpc_port,
+    http_port,
+    admin_token,
+    served_model_name,
+    dtype,
+    max_model_len,
+    max_num_seqs,
+    max_loras,
+    max_lora_rank,
+    max_cpu_loras,
+    kv_cache_memory_bytes,
+    gpu_memory_utilization,
+    enforce_eager,
+    no_lora,
+    no_exclusive,
+    router,
+    router_opt,
+    max_state_wait,
+    state_batch_wait,
+    grace_period,
+    default_max_tokens,
+    max_image_pixels,
+    seed,
+    log_level,
+) -> None:
     """Start the server: vLLM engine + gRPC + OpenAI-compatible HTTP."""
     import asyncio
     import logging
@@ -63,7 +143,9 @@ def serve(base_dir, store, host, grpc_port, http_port, admin_token, served_model
     from deltaserve.server.app import serve as run_server
     from deltaserve.server.config import EngineConfig, ServeConfig
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     extra = {"max_state_wait_s": max_state_wait, "state_batch_wait_s": state_batch_wait}
     for item in router_opt:
         key, sep, value = item.partition("=")
@@ -71,14 +153,33 @@ def serve(base_dir, store, host, grpc_port, http_port, admin_token, served_model
             raise click.UsageError(f"--router-opt {item!r} is not KEY=VALUE")
         extra[f"router.{key}"] = value
     engine = EngineConfig(
-        model=str(base_dir), served_model_name=served_model_name, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-        enable_lora=not no_lora, max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
-        kv_cache_memory_bytes=kv_cache_memory_bytes or None, gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager, seed=seed, exclusive_deltas=not no_exclusive,
+        model=str(base_dir),
+        served_model_name=served_model_name,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        enable_lora=not no_lora,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+        max_cpu_loras=max_cpu_loras,
+        kv_cache_memory_bytes=kv_cache_memory_bytes or None,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        seed=seed,
+        exclusive_deltas=not no_exclusive,
     )
     config = ServeConfig(
-        engine=engine, store=store, host=host, grpc_port=grpc_port, http_port=http_port, admin_token=admin_token or None,
-        grace_period_s=grace_period, default_max_tokens=default_max_tokens, max_image_pixels=max_image_pixels, router=router, extra=extra,
+        engine=engine,
+        store=store,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        admin_token=admin_token or None,
+        grace_period_s=grace_period,
+        default_max_tokens=default_max_tokens,
+        max_image_pixels=max_image_pixels,
+        router=router,
+        extra=extra,
     )
     asyncio.run(run_server(config))
 
@@ -128,7 +229,16 @@ def list_cmd(server: str, as_json: bool) -> None:
             listing = client.list()
         except DeltaClientError as exc:
             _fail(exc)
-    rows = [{"name": d.name, "kind": d.kind, "binding": d.binding, "digest": d.content_digest[:19], "description": d.description} for d in listing.deltas]
+    rows = [
+        {
+            "name": d.name,
+            "kind": d.kind,
+            "binding": d.binding,
+            "digest": d.content_digest[:19],
+            "description": d.description,
+        }
+        for d in listing.deltas
+    ]
     if as_json:
         click.echo(json.dumps({"base_model": listing.base_model, "deltas": rows}, indent=2))
         return
@@ -145,13 +255,17 @@ def list_cmd(server: str, as_json: bool) -> None:
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--raw", is_flag=True, help="Send the prompt as is (no chat template).")
-def generate(prompt: str, server: str, task: str, image: Path | None, max_tokens: int | None, temperature: float, raw: bool) -> None:
+def generate(
+    prompt: str, server: str, task: str, image: Path | None, max_tokens: int | None, temperature: float, raw: bool
+) -> None:
     """Generate from a prompt (and an image), streaming the answer to the terminal."""
     from deltaserve.client.sync import DeltaClient
 
     with DeltaClient(server) as client:
         try:
-            for chunk in client.generate_stream(prompt, image=image, task=task, max_tokens=max_tokens, temperature=temperature, chat=not raw):
+            for chunk in client.generate_stream(
+                prompt, image=image, task=task, max_tokens=max_tokens, temperature=temperature, chat=not raw
+            ):
                 if chunk.HasField("routing"):
                     click.echo(Routing.from_pb(chunk.routing).describe(), err=True)
                 click.echo(chunk.text, nl=False)
@@ -182,7 +296,12 @@ def route(prompt: str, server: str, task: str, image: Path | None, as_json: bool
 
 
 @click.command()
-@click.option("--http", "http_url", default=lambda: env.http_address() or "http://127.0.0.1:8000", show_default="DELTASERVE_HTTP or http://127.0.0.1:8000")
+@click.option(
+    "--http",
+    "http_url",
+    default=lambda: env.http_address() or "http://127.0.0.1:8000",
+    show_default="DELTASERVE_HTTP or http://127.0.0.1:8000",
+)
 @click.option("--raw", is_flag=True, help="Print the Prometheus exposition as is.")
 def metrics(http_url: str, raw: bool) -> None:
     """A readable summary of the server's Prometheus metrics."""

@@ -15,7 +15,10 @@ from deltaserve.v1 import deltaserve_pb2 as pb
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024 + (4 << 20)
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 class DeltaClientError(Exception):
@@ -45,7 +48,9 @@ class Routing:
 
     def describe(self) -> str:
         scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.scores.items(), key=lambda kv: -kv[1]))
-        return f"[{self.expert} via {self.router}, score {self.score:.2f}: {self.reason}]" + (f"\n[scores: {scores}]" if scores else "")
+        return f"[{self.expert} via {self.router}, score {self.score:.2f}: {self.reason}]" + (
+            f"\n[scores: {scores}]" if scores else ""
+        )
 
 
 @dataclass
@@ -63,7 +68,16 @@ class Generation:
     @classmethod
     def from_pb(cls, r: pb.GenerateResponse) -> Generation:
         logprobs = [(e.token, e.logprob) for e in r.logprobs]
-        return cls(r.request_id, r.text, list(r.token_ids), r.finish_reason, Routing.from_pb(r.routing), r.usage.prompt_tokens, r.usage.completion_tokens, logprobs)
+        return cls(
+            r.request_id,
+            r.text,
+            list(r.token_ids),
+            r.finish_reason,
+            Routing.from_pb(r.routing),
+            r.usage.prompt_tokens,
+            r.usage.completion_tokens,
+            logprobs,
+        )
 
 
 def image_bytes(image: Any) -> bytes:
@@ -108,7 +122,13 @@ def generate_request(
     params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
     turns = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
     return pb.GenerateRequest(
-        prompt=prompt, image=image_bytes(image), task=task or "", sampling=params, request_id=request_id or "", chat=chat, messages=turns
+        prompt=prompt,
+        image=image_bytes(image),
+        task=task or "",
+        sampling=params,
+        request_id=request_id or "",
+        chat=chat,
+        messages=turns,
     )
 
 

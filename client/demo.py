@@ -47,7 +47,11 @@ class Expert:
     method: str
 
 
-EXPERTS = (Expert("digits-spider", "digits", "spider"), Expert("relations-lora", "relations", "lora"), Expert("digits-bottleneck", "digits", "bottleneck"))
+EXPERTS = (
+    Expert("digits-spider", "digits", "spider"),
+    Expert("relations-lora", "relations", "lora"),
+    Expert("digits-bottleneck", "digits", "bottleneck"),
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,9 @@ class DemoConfig:
 
 
 TINY = DemoConfig(
-    pretrain=PretrainConfig(steps=20, batch_size=8, warmup_steps=2, world=WorldConfig(general_train=24, downstream_train=24, val=4, test=6)),
+    pretrain=PretrainConfig(
+        steps=20, batch_size=8, warmup_steps=2, world=WorldConfig(general_train=24, downstream_train=24, val=4, test=6)
+    ),
     tune_steps=4,
     eval_limit=4,
     questions=2,
@@ -83,9 +89,16 @@ def _step(title: str) -> None:
 
 def _run_cli(*args: str, env: dict | None = None) -> str:
     """Run ``deltaserve …`` as a user would; return stdout or raise with its stderr."""
-    proc = subprocess.run([sys.executable, "-m", "deltaserve.client.cli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltaserve.client.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"`deltaserve {' '.join(args)}` exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(
+            f"`deltaserve {' '.join(args)}` exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc.stdout.strip()
 
 
@@ -117,12 +130,16 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
     started = time.perf_counter()
 
     step = "base"
-    _step("1/5 the base model: tiny LLaVA (CLIP vision tower + projector + Llama decoder), pretrained on the general tasks")
+    _step(
+        "1/5 the base model: tiny LLaVA (CLIP vision tower + projector + Llama decoder), pretrained on the general tasks"
+    )
     try:
         base = pretrain(config.pretrain, progress=True)
     except Exception as exc:
         raise DemoError(step, str(exc)) from exc
-    click.echo(f"{base.path}  ({'cached' if base.cached else 'trained now'}; general score {base.meta['general_score']:.2f} on {', '.join(GENERAL_TASKS)})")
+    click.echo(
+        f"{base.path}  ({'cached' if base.cached else 'trained now'}; general score {base.meta['general_score']:.2f} on {', '.join(GENERAL_TASKS)})"
+    )
 
     step = "tune"
     _step("2/5 one delta per tuning paradigm, on tasks the base never saw")
@@ -132,7 +149,15 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
         for expert in EXPERTS:
             t = time.perf_counter()
             tune_config = TuneConfig(steps=config.tune_steps, eval_limit=config.eval_limit)
-            bundle = cached_delta(base.path, world / expert.task, expert.method, config=tune_config, name=expert.name, general_dir=world, progress=True)
+            bundle = cached_delta(
+                base.path,
+                world / expert.task,
+                expert.method,
+                config=tune_config,
+                name=expert.name,
+                general_dir=world,
+                progress=True,
+            )
             manifest = json.loads((bundle / "delta.json").read_text())
             m = manifest["task"]["metrics"]
             click.echo(
@@ -154,10 +179,15 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
             base.path, workdir / "store", "--served-model-name", BASE_NAME, "--kv-cache-memory-bytes", str(256 * 1024 * 1024),
             admin_token=token, log_path=workdir / "server.log",
         )  # fmt: skip
-        click.echo(f"server ready in {time.perf_counter() - t:.0f} s: grpc {server.grpc}, http {server.http} (log: {server.log_path})")
+        click.echo(
+            f"server ready in {time.perf_counter() - t:.0f} s: grpc {server.grpc}, http {server.http} (log: {server.log_path})"
+        )
         step = "register"
         for name, bundle in bundles.items():
-            click.echo("$ deltaserve register " + _run_cli("register", str(bundle), "--server", server.grpc, env={ADMIN_TOKEN_ENV: token}))
+            click.echo(
+                "$ deltaserve register "
+                + _run_cli("register", str(bundle), "--server", server.grpc, env={ADMIN_TOKEN_ENV: token})
+            )
         click.echo(_run_cli("list", "--server", server.grpc))
 
         step = "grpc"
@@ -165,8 +195,13 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
         world_tasks = {e.task: data.load_task(world / e.task, splits=("test",)) for e in EXPERTS}
         with DeltaClient(server.grpc) as client:
             for expert in EXPERTS:
-                target = json.loads((bundles[expert.name] / "delta.json").read_text())["task"]["metrics"].get("target", float("nan"))
-                click.secho(f"\n[{expert.name}] ({expert.method}, task `{expert.task}`) over gRPC — measured test accuracy {target:.2f}", fg="cyan")
+                target = json.loads((bundles[expert.name] / "delta.json").read_text())["task"]["metrics"].get(
+                    "target", float("nan")
+                )
+                click.secho(
+                    f"\n[{expert.name}] ({expert.method}, task `{expert.task}`) over gRPC — measured test accuracy {target:.2f}",
+                    fg="cyan",
+                )
                 click.echo(f"  {'question':<34} {'gold':<10} {'base':<14} {'expert':<14} auto → (score)")
                 rows = []
                 test = world_tasks[expert.task]["test"]
@@ -183,9 +218,20 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
                         f"  {_cell(sample.prompt, 34):<34} {_cell(sample.target, 10):<10} {_cell(base_out.text, 14):<14} "
                         f"{_cell(expert_out.text, 14):<14} {routing.expert} ({routing.score:.2f})"
                     )
-                    rows.append({"question": sample.prompt, "gold": sample.target, "base": base_out.text, "expert": expert_out.text, "auto": routing.expert, "served_by": expert_out.routing.expert})
+                    rows.append(
+                        {
+                            "question": sample.prompt,
+                            "gold": sample.target,
+                            "base": base_out.text,
+                            "expert": expert_out.text,
+                            "auto": routing.expert,
+                            "served_by": expert_out.routing.expert,
+                        }
+                    )
                 shown["experts"][expert.name] = rows
-            open_world = client.generate("Write a haiku about the sea.", task="auto", max_tokens=config.max_tokens, temperature=0.0, chat=True)
+            open_world = client.generate(
+                "Write a haiku about the sea.", task="auto", max_tokens=config.max_tokens, temperature=0.0, chat=True
+            )
             click.echo(f"\n  open-world text → auto router: {open_world.routing.expert} — {open_world.routing.reason}")
             shown["open_world"] = open_world.routing.expert
 
@@ -199,7 +245,15 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
         for model in (server.base_name, "relations-lora", "auto"):
             chat = oai.chat.completions.create(
                 model=model,
-                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(sample.image)}}, {"type": "text", "text": sample.prompt}]}],
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": _data_url(sample.image)}},
+                            {"type": "text", "text": sample.prompt},
+                        ],
+                    }
+                ],
                 max_tokens=config.max_tokens,
                 temperature=0.0,
             )
@@ -221,7 +275,9 @@ def run_demo(config: DemoConfig, workdir: Path) -> dict:
     except DemoError:
         raise
     except Exception as exc:
-        raise DemoError(step, f"{exc}" + (f"\n--- server log tail ---\n{server.tail()}" if server is not None else "")) from exc
+        raise DemoError(
+            step, f"{exc}" + (f"\n--- server log tail ---\n{server.tail()}" if server is not None else "")
+        ) from exc
     finally:
         if server is not None:
             server.stop()

@@ -28,7 +28,10 @@ def summarize(text: str) -> str:
         return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in match.items()))
 
     tasks = sorted({s.labels["task"] for s in samples.get("deltaserve_requests_total", [])})
-    lines = ["requests by task:", f"  {'task':<24} {'ok':>6} {'errors':>7} {'tokens':>8} {'p50 latency':>12} {'p50 TTFT':>10}"]
+    lines = [
+        "requests by task:",
+        f"  {'task':<24} {'ok':>6} {'errors':>7} {'tokens':>8} {'p50 latency':>12} {'p50 TTFT':>10}",
+    ]
     for task in tasks:
         ok = total("deltaserve_requests_total", task=task, outcome="ok")
         all_ = total("deltaserve_requests_total", task=task)
@@ -36,7 +39,9 @@ def summarize(text: str) -> str:
 
         def p50(metric: str) -> str:
             buckets = sorted(
-                (float(s.labels["le"]), s.value) for s in samples.get(f"{metric}_bucket", []) if s.labels.get("task") == task
+                (float(s.labels["le"]), s.value)
+                for s in samples.get(f"{metric}_bucket", [])
+                if s.labels.get("task") == task
             )
             value = _quantile(buckets, 0.5)
             return "-" if value is None else f"≤{value:g}s"
@@ -47,9 +52,15 @@ def summarize(text: str) -> str:
         )
     kinds = {s.labels["kind"]: s.value for s in samples.get("deltaserve_registered_deltas", [])}
     lines.append("registered deltas: " + (", ".join(f"{k}={v:.0f}" for k, v in sorted(kinds.items())) or "none"))
-    ops = {(s.labels["op"], s.labels["result"]): s.value for s in samples.get("deltaserve_registry_operations_total", [])}
-    lines.append("registry operations: " + (", ".join(f"{o}/{r}={v:.0f}" for (o, r), v in sorted(ops.items())) or "none"))
-    routes = {(s.labels["router"], s.labels["expert"]): s.value for s in samples.get("deltaserve_routing_decisions_total", [])}
+    ops = {
+        (s.labels["op"], s.labels["result"]): s.value for s in samples.get("deltaserve_registry_operations_total", [])
+    }
+    lines.append(
+        "registry operations: " + (", ".join(f"{o}/{r}={v:.0f}" for (o, r), v in sorted(ops.items())) or "none")
+    )
+    routes = {
+        (s.labels["router"], s.labels["expert"]): s.value for s in samples.get("deltaserve_routing_decisions_total", [])
+    }
     lines.append("routing: " + (", ".join(f"{r}->{e}={v:.0f}" for (r, e), v in sorted(routes.items())) or "none"))
     switches = total("deltaserve_state_switches_total")
     lines.append(f"engine state switches: {switches:.0f}")

@@ -53,7 +53,11 @@ class ServerProcess:
         self._log = open(self.log_path, "ab")
         # Own process group: a SIGKILL of the group takes the server (its engine processes follow it).
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self._log, env={**(os.environ if base_env is None else base_env), **(env or {})}, start_new_session=True
+            args,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**(os.environ if base_env is None else base_env), **(env or {})},
+            start_new_session=True,
         )
         self.grpc = self.http = self.base_name = None
         self._lines: list[str] = []

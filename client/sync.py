@@ -1,9 +1,9 @@
 """Synchronous gRPC client.
 
-    from deltaserve.client.sync import DeltaClient
-    with DeltaClient("127.0.0.1:50051") as client:
-        out = client.generate("What digit is shown?", image="digit.png", chat=True)
-        print(out.text, out.routing.expert)
+from deltaserve.client.sync import DeltaClient
+with DeltaClient("127.0.0.1:50051") as client:
+    out = client.generate("What digit is shown?", image="digit.png", chat=True)
+    print(out.text, out.routing.expert)
 """
 
 from __future__ import annotations
@@ -58,14 +58,18 @@ class DeltaClient:
     def register(self, bundle_dir, name: str | None = None) -> pb.DeltaInfo:
         try:
             return self.registry.Register(
-                pb.RegisterRequest(files=bundle_files(bundle_dir), name=name or ""), timeout=self.timeout, metadata=metadata(self.admin_token)
+                pb.RegisterRequest(files=bundle_files(bundle_dir), name=name or ""),
+                timeout=self.timeout,
+                metadata=metadata(self.admin_token),
             )
         except grpc.RpcError as exc:
             raise client_error(exc) from None
 
     def unregister(self, name: str) -> None:
         try:
-            self.registry.Unregister(pb.UnregisterRequest(name=name), timeout=self.timeout, metadata=metadata(self.admin_token))
+            self.registry.Unregister(
+                pb.UnregisterRequest(name=name), timeout=self.timeout, metadata=metadata(self.admin_token)
+            )
         except grpc.RpcError as exc:
             raise client_error(exc) from None
 

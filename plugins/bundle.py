@@ -105,7 +105,9 @@ def _read_manifest(path: Path, stats: dict, limits: Limits, problems: list[str])
         problems.append(f"missing manifest `{MANIFEST_FILE}`")
         return None
     if stats[MANIFEST_FILE].st_size > limits.max_manifest_bytes:
-        problems.append(f"`{MANIFEST_FILE}` is {stats[MANIFEST_FILE].st_size} bytes, above the limit of {limits.max_manifest_bytes}")
+        problems.append(
+            f"`{MANIFEST_FILE}` is {stats[MANIFEST_FILE].st_size} bytes, above the limit of {limits.max_manifest_bytes}"
+        )
         return None
     try:
         obj = json.loads((path / MANIFEST_FILE).read_bytes().decode("utf-8"))
@@ -117,7 +119,9 @@ def _read_manifest(path: Path, stats: dict, limits: Limits, problems: list[str])
     return manifest
 
 
-def _file_problems(bundle: Bundle, rel: str, size: int, expected_sha: str | None, limits: Limits) -> tuple[list[str], bool]:
+def _file_problems(
+    bundle: Bundle, rel: str, size: int, expected_sha: str | None, limits: Limits
+) -> tuple[list[str], bool]:
     """Type, size, magic bytes, sha256 and content of one file (read only within the limits).
 
     Returns (problems, usable): unusable files (wrong type, too big, unparsable) are

@@ -41,7 +41,8 @@ def fault_pause() -> tuple[str, float, str | None] | None:
 
     The registry sleeps that long at the named point of a registration (of ``task`` only,
     if given): ``stored`` — the bundle is in the store but not in the index; ``indexed`` —
-    the index names it, the call has not returned. A test can SIGKILL the server there.
+    the index names it, the call has not returned; ``unindexed`` (an unregistration) — the
+    index no longer names it, its files are still in the store. A test can SIGKILL the server there.
     """
     value = os.environ.get("DELTASERVE_FAULT_PAUSE")
     if not value:

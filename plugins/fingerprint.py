@@ -94,7 +94,9 @@ def fingerprint(base_dir: str | os.PathLike, use_cache: bool = True) -> str:
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": _CACHE_VERSION, "path": str(base_dir), "signature": signature, "fingerprint": value}))
+        tmp.write_text(
+            json.dumps({"version": _CACHE_VERSION, "path": str(base_dir), "signature": signature, "fingerprint": value})
+        )
         os.replace(tmp, cache_file)
     except OSError:
         pass  # a read-only cache only costs a recomputation

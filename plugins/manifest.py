@@ -135,6 +135,8 @@ def task_name_problem(name: object) -> str | None:
 
 MAX_PATH_CHARS = 512
 MAX_PATH_COMPONENT_CHARS = 128
+MAX_PATH_COMPONENT_BYTES = 255
+"""UTF-8 bytes of one path component: the file systems' NAME_MAX (128 characters may be 512 bytes)."""
 MAX_PATH_DEPTH = 8
 
 
@@ -142,21 +144,35 @@ def relpath_problem(path: object) -> str | None:
     """Why ``path`` is not a safe bundle-relative POSIX path, or None.
 
     Relative, normalised (no ``.``/``..``/empty components), no NUL or other control
-    characters, no backslash, at most :data:`MAX_PATH_DEPTH` components of at most
-    :data:`MAX_PATH_COMPONENT_CHARS` characters and :data:`MAX_PATH_CHARS` in all.
+    characters or unpaired surrogates, no backslash, at most :data:`MAX_PATH_DEPTH` components
+    of at most :data:`MAX_PATH_COMPONENT_CHARS` characters (and :data:`MAX_PATH_COMPONENT_BYTES`
+    bytes) and :data:`MAX_PATH_CHARS` in all.
     """
     if not isinstance(path, str) or not path:
         return f"path {path!r} is not a non-empty string"
     shown = ascii(path)[1:-1][:80]
     if any(ord(c) < 32 or ord(c) == 127 for c in path):
         return f"unsafe path `{shown}` (control characters)"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"unsafe path `{shown}` (an unpaired UTF-16 surrogate)"
     if len(path) > MAX_PATH_CHARS:
         return f"path `{shown}…` is longer than {MAX_PATH_CHARS} characters"
     pure = PurePosixPath(path)
-    if pure.is_absolute() or "\\" in path or ".." in pure.parts or str(pure) != path or path.startswith("./") or pure.parts in ((), (".",)):
+    if (
+        pure.is_absolute()
+        or "\\" in path
+        or ".." in pure.parts
+        or str(pure) != path
+        or path.startswith("./")
+        or pure.parts in ((), (".",))
+    ):
         return f"unsafe path `{shown}` (must be relative, normalised, without `.` or `..`)"
-    if len(pure.parts) > MAX_PATH_DEPTH or any(len(part) > MAX_PATH_COMPONENT_CHARS for part in pure.parts):
-        return f"path `{shown}` is deeper than {MAX_PATH_DEPTH} levels or has a name longer than {MAX_PATH_COMPONENT_CHARS} characters"
+    if len(pure.parts) > MAX_PATH_DEPTH or any(
+        len(part) > MAX_PATH_COMPONENT_CHARS or len(part.encode()) > MAX_PATH_COMPONENT_BYTES for part in pure.parts
+    ):
+        return f"path `{shown}` is deeper than {MAX_PATH_DEPTH} levels or has a name longer than {MAX_PATH_COMPONENT_CHARS} characters ({MAX_PATH_COMPONENT_BYTES} bytes)"
     return None
 
 

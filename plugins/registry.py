@@ -42,7 +42,9 @@ def _check(cls: object, name: str | None = None) -> str:
     if name is not None and name != kind_name:
         raise KindRegistryError(f"entry point `{name}` loads kind `{kind_name}`: the names must be equal")
     if getattr(cls, "binding", None) not in BINDINGS:
-        raise KindRegistryError(f"kind `{kind_name}` has binding {getattr(cls, 'binding', None)!r}; expected one of {BINDINGS}")
+        raise KindRegistryError(
+            f"kind `{kind_name}` has binding {getattr(cls, 'binding', None)!r}; expected one of {BINDINGS}"
+        )
     return kind_name
 
 
@@ -107,7 +109,9 @@ def register_kind(cls: type[DeltaKind], *, replace: bool = False) -> type[DeltaK
     with _lock:
         registry = _registry()
         if name in registry and registry[name] is not cls and not replace:
-            raise KindRegistryError(f"kind `{name}` is already registered by {registry[name].__module__}.{registry[name].__qualname__}")
+            raise KindRegistryError(
+                f"kind `{name}` is already registered by {registry[name].__module__}.{registry[name].__qualname__}"
+            )
         registry[name] = cls
     return cls
 

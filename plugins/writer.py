@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltaserve.plugins.errors import BundleError
-from deltaserve.plugins.manifest import MANIFEST_FILE, BaseRef, Manifest, MethodInfo, TaskInfo, relpath_problem, task_name_problem
+from deltaserve.plugins.manifest import (
+    MANIFEST_FILE,
+    BaseRef,
+    Manifest,
+    MethodInfo,
+    TaskInfo,
+    relpath_problem,
+    task_name_problem,
+)
 
 if TYPE_CHECKING:
     from deltaserve.plugins.base_spec import BaseSpec

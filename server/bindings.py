@@ -91,5 +91,7 @@ def binding_for(kind: str, name: str, digest: str, path: Path, **context) -> Bin
     try:
         cls = BINDINGS[kind]
     except KeyError:
-        raise EngineBindError(f"delta kind `{kind}` cannot be served: no engine binding (servable: {sorted(BINDINGS)})") from None
+        raise EngineBindError(
+            f"delta kind `{kind}` cannot be served: no engine binding (servable: {sorted(BINDINGS)})"
+        ) from None
     return cls(name, digest, path, **context)

@@ -126,8 +126,16 @@ def _token_logprobs(completion, k: int) -> list[TokenLogprob]:
     out = []
     for token_id, position in zip(completion.token_ids, completion.logprobs or []):
         chosen = position[token_id]
-        top = sorted((lp.rank, tid, lp.decoded_token or "", lp.logprob) for tid, lp in position.items() if lp.rank is not None and lp.rank <= k)
-        out.append(TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, [(tid, tok, lp) for _, tid, tok, lp in top]))
+        top = sorted(
+            (lp.rank, tid, lp.decoded_token or "", lp.logprob)
+            for tid, lp in position.items()
+            if lp.rank is not None and lp.rank <= k
+        )
+        out.append(
+            TokenLogprob(
+                token_id, chosen.decoded_token or "", chosen.logprob, [(tid, tok, lp) for _, tid, tok, lp in top]
+            )
+        )
     return out
 
 
@@ -203,7 +211,9 @@ class Engine:
                         finished=done,
                         finish_reason=completion.finish_reason if done else None,
                         index=completion.index,
-                        logprobs=_token_logprobs(completion, inp.sampling.logprobs) if inp.sampling.logprobs is not None else None,
+                        logprobs=_token_logprobs(completion, inp.sampling.logprobs)
+                        if inp.sampling.logprobs is not None
+                        else None,
                     )
                 out = await anext(outputs, None)
                 if out is None:
@@ -265,7 +275,6 @@ class Engine:
     @property
     def errored(self) -> bool:
         return self._llm.errored
-
 
     def shutdown(self) -> None:
         llm, self._llm = self._llm, None

@@ -51,7 +51,15 @@ class ExclusiveBinding(Binding):
 
     kind = ""
 
-    def __init__(self, name: str, digest: str, path: Path, *, exclusive: ExclusiveStates | None = None, config: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        digest: str,
+        path: Path,
+        *,
+        exclusive: ExclusiveStates | None = None,
+        config: dict | None = None,
+    ):
         super().__init__(name, digest, path)
         self._exclusive = exclusive
         self._config = config or {}
@@ -63,7 +71,9 @@ class ExclusiveBinding(Binding):
 
     async def bind(self, engine) -> None:
         if self._exclusive is None:
-            raise EngineBindError(f"cannot serve {self.kind} delta `{self.name}`: the server runs without exclusive deltas (--no-exclusive)")
+            raise EngineBindError(
+                f"cannot serve {self.kind} delta `{self.name}`: the server runs without exclusive deltas (--no-exclusive)"
+            )
         summary = await self._exclusive.stage(self._state, self.kind, self.path, self._config)
         log.info("staged %s: %s", self._state, summary)
 

@@ -15,28 +15,45 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 REQUESTS = Counter("deltaserve_requests", "Inference requests by task and outcome.", ["task", "outcome", "api"])
 REQUEST_LATENCY = Histogram(
-    "deltaserve_request_latency_seconds", "End-to-end latency of successful requests.", ["task"], buckets=_LATENCY_BUCKETS
+    "deltaserve_request_latency_seconds",
+    "End-to-end latency of successful requests.",
+    ["task"],
+    buckets=_LATENCY_BUCKETS,
 )
-TTFT = Histogram("deltaserve_time_to_first_token_seconds", "Time to first generated token of streamed requests (a non-streamed answer arrives whole; vLLM's own vllm:time_to_first_token_seconds counts every request).", ["task"], buckets=_LATENCY_BUCKETS)
+TTFT = Histogram(
+    "deltaserve_time_to_first_token_seconds",
+    "Time to first generated token of streamed requests (a non-streamed answer arrives whole; vLLM's own vllm:time_to_first_token_seconds counts every request).",
+    ["task"],
+    buckets=_LATENCY_BUCKETS,
+)
 GENERATED_TOKENS = Counter("deltaserve_generated_tokens", "Generated tokens by task.", ["task"])
 PROMPT_TOKENS = Counter("deltaserve_prompt_tokens", "Prompt tokens (image tokens included) by task.", ["task"])
 DELTAS = Gauge("deltaserve_registered_deltas", "Registered deltas by kind.", ["kind"])
 DELTA_LOAD_SECONDS = Histogram(
-    "deltaserve_delta_load_seconds", "Time to validate, store and bind a delta on registration or restore.", ["kind"],
+    "deltaserve_delta_load_seconds",
+    "Time to validate, store and bind a delta on registration or restore.",
+    ["kind"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-REGISTRY_OPS = Counter("deltaserve_registry_operations", "Registry operations by operation and result.", ["op", "result"])
-ROUTING = Counter("deltaserve_routing_decisions", "Routing decisions by router and chosen expert.", ["router", "expert"])
+REGISTRY_OPS = Counter(
+    "deltaserve_registry_operations", "Registry operations by operation and result.", ["op", "result"]
+)
+ROUTING = Counter(
+    "deltaserve_routing_decisions", "Routing decisions by router and chosen expert.", ["router", "expert"]
+)
 INFLIGHT = Gauge("deltaserve_inflight_requests", "Requests being served right now.")
 
 # Engine states (exclusive deltas): see deltaserve.server.scheduler. `state` is a task name or "base".
 STATE_SWITCHES = Counter("deltaserve_state_switches", "Engine state switches.", ["from_state", "to_state"])
 STATE_SWITCH_SECONDS = Histogram(
-    "deltaserve_state_switch_seconds", "Time to switch the engine between states.",
+    "deltaserve_state_switch_seconds",
+    "Time to switch the engine between states.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
 STATE_QUEUE_DEPTH = Gauge("deltaserve_state_queue_depth", "Requests waiting for their engine state.", ["state"])
 STATE_WAIT = Histogram(
-    "deltaserve_state_wait_seconds", "Time a request waited for its engine state.", ["state"],
+    "deltaserve_state_wait_seconds",
+    "Time a request waited for its engine state.",
+    ["state"],
     buckets=(0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )

@@ -5,6 +5,7 @@ Store layout::
     <store>/index.json               {"format_version", "base", "deltas": {name: record}}
     <store>/deltas/<name>-<digest>/  one validated bundle per registered version
     <store>/staging/                 uploads and copies in progress (wiped at start)
+    <store>/.index.json.<hex>.tmp    an index being written (renamed into place; removed at start)
 
 Crash consistency: a bundle is copied and fsync'ed into ``staging/``, validated
 there (never in the caller's directory, which could change under us), moved into
@@ -105,10 +106,16 @@ def _copy_synced(src: Path, dst: Path, max_bytes: int) -> None:
     for root, dirs, files in os.walk(src, followlinks=False):
         rel_root = Path(root).relative_to(src)
         (dst / rel_root).mkdir(parents=True, exist_ok=True)
-        odd = [n for n in (*dirs, *files) if (Path(root) / n).is_symlink() or not ((Path(root) / n).is_file() or (Path(root) / n).is_dir())]
+        odd = [
+            n
+            for n in (*dirs, *files)
+            if (Path(root) / n).is_symlink() or not ((Path(root) / n).is_file() or (Path(root) / n).is_dir())
+        ]
         if odd:
             names = ", ".join(f"`{(rel_root / n).as_posix()}`" for n in sorted(odd))
-            raise InvalidRequestError(f"the bundle directory holds {names}: only regular files and folders are accepted (no symlinks)")
+            raise InvalidRequestError(
+                f"the bundle directory holds {names}: only regular files and folders are accepted (no symlinks)"
+            )
         for name in files:
             s = Path(root) / name
             total += s.stat().st_size
@@ -127,7 +134,17 @@ UPLOAD = "<upload>"
 class DeltaRegistry:
     """Registered deltas: persisted in ``store``, bound to ``engine``."""
 
-    def __init__(self, store: Path, base_dir: Path, engine, *, max_bundle_bytes: int, limits: Limits = Limits(), exclusive=None, before_publish=None):
+    def __init__(
+        self,
+        store: Path,
+        base_dir: Path,
+        engine,
+        *,
+        max_bundle_bytes: int,
+        limits: Limits = Limits(),
+        exclusive=None,
+        before_publish=None,
+    ):
         self.store = Path(store)
         self.before_publish = before_publish
         """``async (deltas) -> commit``: called with the next set of live deltas while it is not yet
@@ -207,6 +224,8 @@ class DeltaRegistry:
         problems = []
         shutil.rmtree(self.store / "staging", ignore_errors=True)
         (self.store / "staging").mkdir()
+        for tmp in self.store.glob(f".{INDEX_FILE}.*.tmp"):  # an index write cut short before its rename
+            tmp.unlink()
         records = self._read_index()
         referenced = {self.store / r["dir"] for r in records.values()}
         for entry in (self.store / "deltas").iterdir():
@@ -242,7 +261,9 @@ class DeltaRegistry:
         if total > self.max_bundle_bytes:
             raise ResourceExhaustedError(f"bundle is {total} bytes; the server's limit is {self.max_bundle_bytes}")
         if len(files) > self.limits.max_files:
-            raise InvalidRequestError(f"`files` has {len(files)} entries; a bundle holds at most {self.limits.max_files}")
+            raise InvalidRequestError(
+                f"`files` has {len(files)} entries; a bundle holds at most {self.limits.max_files}"
+            )
         problems = [p for rel, _ in files if (p := relpath_problem(rel))]
         if not problems:
             problems = path_set_problems([rel for rel, _ in files])
@@ -287,6 +308,8 @@ class DeltaRegistry:
             self._check_source(source)
         staging = source if staged else self.new_staging_dir()
         try:
+            if name is not None and (problem := task_name_problem(name)):
+                raise InvalidRequestError(problem)  # an empty name too: never a made-up one
             if not staged:
                 await asyncio.to_thread(_copy_synced, source, staging, self.max_bundle_bytes)
             if not (staging / MANIFEST_FILE).exists() and (staging / "adapter_config.json").exists():
@@ -372,7 +395,9 @@ class DeltaRegistry:
             bundle = await asyncio.to_thread(read_bundle, path, self.base, self.limits)
         if digest is None:
             digest = await asyncio.to_thread(content_digest, path)
-        binding = binding_for(bundle.manifest.kind, name, digest, path, exclusive=self.exclusive, config=bundle.manifest.config)
+        binding = binding_for(
+            bundle.manifest.kind, name, digest, path, exclusive=self.exclusive, config=bundle.manifest.config
+        )
         await binding.bind(self.engine)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         return LiveDelta(name, bundle.manifest.kind, digest, path, bundle, binding, registered_at, size)
@@ -386,6 +411,7 @@ class DeltaRegistry:
                 del live[name]
                 commit = await self._prepare_publish(live)
                 await asyncio.to_thread(self._write_index, live)
+                await _fault_point("unindexed", name)
                 commit()
                 self._live = live
                 self._update_gauges()
@@ -411,7 +437,12 @@ class DeltaRegistry:
             try:
                 await asyncio.wait_for(delta.drained.wait(), DRAIN_TIMEOUT_S)
             except TimeoutError:
-                log.warning("delta %s still has %d requests after %ss; detaching anyway", delta.name, delta.leases, DRAIN_TIMEOUT_S)
+                log.warning(
+                    "delta %s still has %d requests after %ss; detaching anyway",
+                    delta.name,
+                    delta.leases,
+                    DRAIN_TIMEOUT_S,
+                )
         await delta.binding.unbind(self.engine)
         shutil.rmtree(delta.path, ignore_errors=True)
 

@@ -118,7 +118,14 @@ def decode_image(data: bytes, config: ServeConfig):
             return img.convert("RGB")
     except InvalidRequestError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         raise InvalidRequestError(f"`image` could not be decoded: {exc}") from None
 
 
@@ -166,12 +173,27 @@ def _sampling(fields: SamplingFields, prompt_tokens: int, max_model_len: int, co
     if not 0 <= min_tokens <= max_tokens:
         raise InvalidRequestError(f"`min_tokens` must be within [0, max_tokens = {max_tokens}], got {min_tokens}")
     if fields.logprobs is not None and not 0 <= fields.logprobs <= MAX_LOGPROBS:
-        raise InvalidRequestError(f"`top_logprobs` / `logprobs` must be within [0, {MAX_LOGPROBS}], got {fields.logprobs}")
+        raise InvalidRequestError(
+            f"`top_logprobs` / `logprobs` must be within [0, {MAX_LOGPROBS}], got {fields.logprobs}"
+        )
     json_schema, json_object = _response_format(fields.response_format)
     return Sampling(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=fields.seed, stop=list(fields.stop),
-        ignore_eos=bool(fields.ignore_eos), n=n, min_p=min_p, presence_penalty=presence, frequency_penalty=frequency,
-        repetition_penalty=repetition, min_tokens=min_tokens, logprobs=fields.logprobs, json_schema=json_schema, json_object=json_object,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=fields.seed,
+        stop=list(fields.stop),
+        ignore_eos=bool(fields.ignore_eos),
+        n=n,
+        min_p=min_p,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=repetition,
+        min_tokens=min_tokens,
+        logprobs=fields.logprobs,
+        json_schema=json_schema,
+        json_object=json_object,
     )
 
 
@@ -239,7 +261,9 @@ def _chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
     return prompt, user_text
 
 
-def prepare(req: InferenceRequest, *, tokenizer, max_model_len: int, image_tokens: int, config: ServeConfig) -> PreparedRequest:
+def prepare(
+    req: InferenceRequest, *, tokenizer, max_model_len: int, image_tokens: int, config: ServeConfig
+) -> PreparedRequest:
     """Validate ``req`` and turn it into token ids + engine sampling parameters."""
     if req.request_id is not None and req.request_id != "" and not _REQUEST_ID.fullmatch(req.request_id):
         raise InvalidRequestError("`request_id` must be 1-128 characters of [A-Za-z0-9._:-]")
@@ -255,7 +279,11 @@ def prepare(req: InferenceRequest, *, tokenizer, max_model_len: int, image_token
         user_text = req.prompt
         prompt = req.prompt
         if req.chat:
-            content = [{"type": "image"}, {"type": "text", "text": req.prompt}] if image is not None and IMAGE_PLACEHOLDER not in req.prompt else req.prompt
+            content = (
+                [{"type": "image"}, {"type": "text", "text": req.prompt}]
+                if image is not None and IMAGE_PLACEHOLDER not in req.prompt
+                else req.prompt
+            )
             prompt, user_text = _chat_prompt(tokenizer, [{"role": "user", "content": content}])
     if not user_text.strip() and image is None:
         raise InvalidRequestError("`prompt` must not be empty")
@@ -265,7 +293,9 @@ def prepare(req: InferenceRequest, *, tokenizer, max_model_len: int, image_token
         prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
         placeholders = 1
     if placeholders > 1:
-        raise InvalidRequestError(f"at most one image per request; the prompt has {placeholders} `{IMAGE_PLACEHOLDER}` placeholders")
+        raise InvalidRequestError(
+            f"at most one image per request; the prompt has {placeholders} `{IMAGE_PLACEHOLDER}` placeholders"
+        )
     if placeholders == 1 and image is None:
         raise InvalidRequestError(f"the prompt contains `{IMAGE_PLACEHOLDER}` but no image was sent")
 

@@ -87,6 +87,7 @@ def read_open_world(base_dir: str | Path | None, extra: str = "") -> list[tuple[
     ``extra`` is a text file (one prompt per line) or a JSON file in the format of the base's
     ``deltaserve-open-world.json``: ``{"examples": [{"text": ..., "image": "relative/path.png" | null}, ...]}``.
     """
+
     def lines(path: Path) -> list[tuple[str, Any]]:
         rows = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
         return [(row, None) for row in rows if row and not row.startswith("#")]
@@ -127,9 +128,13 @@ class TextFeatures:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         if self.char_weight > 0:
-            self.ngrams = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, lowercase=True).fit(texts)
+            self.ngrams = TfidfVectorizer(
+                analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, lowercase=True
+            ).fit(texts)
         if self.word_weight > 0:
-            self.words = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True, token_pattern=r"(?u)\b\w+\b").fit(texts)
+            self.words = TfidfVectorizer(
+                analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True, token_pattern=r"(?u)\b\w+\b"
+            ).fit(texts)
         return self
 
     def __call__(self, texts: list[str]):
@@ -202,7 +207,10 @@ class ImageNeighbours:
         """P(class | image) / P(class) from the ``k`` nearest examples (add-one smoothed)."""
         nearest = self.labels[np.argsort(-(self.features @ feature))[: self.k]]
         n, c = len(self.labels), len(classes)
-        return {name: ((nearest == name).sum() + 1) / (self.k + c) / (((self.labels == name).sum() + 1) / (n + c)) for name in classes}
+        return {
+            name: ((nearest == name).sum() + 1) / (self.k + c) / (((self.labels == name).sum() + 1) / (n + c))
+            for name in classes
+        }
 
 
 @dataclass
@@ -222,7 +230,9 @@ class TrainedRouter:
 class AutoRouter(Router):
     name = "auto"
 
-    def __init__(self, options: dict[str, str] | None = None, *, engine: Any = None, base_dir: str | None = None, **context: Any):
+    def __init__(
+        self, options: dict[str, str] | None = None, *, engine: Any = None, base_dir: str | None = None, **context: Any
+    ):
         super().__init__(options)
         unknown = set(self.options) - set(DEFAULTS)
         if unknown:
@@ -236,11 +246,15 @@ class AutoRouter(Router):
             self.image_weight = float(opt["image_weight"])
             self.word_weight = float(opt["word_weight"])
         except ValueError as e:
-            raise ValueError(f"auto router options `threshold`, `C`, `char_weight`, `gate_slack`, `image_weight` must be numbers: {e}") from None
+            raise ValueError(
+                f"auto router options `threshold`, `C`, `char_weight`, `gate_slack`, `image_weight` must be numbers: {e}"
+            ) from None
         if opt["image_gate"] not in ("on", "off"):
             raise ValueError(f"auto router option `image_gate` must be `on` or `off`, got {opt['image_gate']!r}")
         if not 0.0 <= self.threshold <= 1.0 or self.C <= 0 or self.char_weight < 0 or self.image_weight < 0:
-            raise ValueError("auto router options: `threshold` must be in [0, 1], `C` > 0, `char_weight` and `image_weight` ≥ 0")
+            raise ValueError(
+                "auto router options: `threshold` must be in [0, 1], `C` > 0, `char_weight` and `image_weight` ≥ 0"
+            )
         self.image_gate = opt["image_gate"] == "on"
         self.uses_images = base_dir is not None and (self.image_gate or self.image_weight > 0)
         self.embedder = load_text_embedder(opt["embedder"])
@@ -272,7 +286,9 @@ class AutoRouter(Router):
         labels = [t.name for t in tasks for _ in t.examples] + [BASE] * len(self.open_world)
         features = TextFeatures(self.embedder, self.char_weight, self.word_weight).fit(texts)
         classifier = LogisticRegression(C=self.C, class_weight="balanced", max_iter=2000).fit(features(texts), labels)
-        trained = TrainedRouter(classes=list(classifier.classes_), features=features, classifier=classifier, stand_ins=stand_ins)
+        trained = TrainedRouter(
+            classes=list(classifier.classes_), features=features, classifier=classifier, stand_ins=stand_ins
+        )
         if self.uses_images:
             self._fit_images(trained, tasks)
         return trained
@@ -315,7 +331,9 @@ class AutoRouter(Router):
         """What the request's image (or its absence) says: tasks it rules out, and class likelihood ratios."""
         trained = self._trained
         if query.image is None:
-            return ImageEvidence({name: "its examples come with an image; the request has none" for name in trained.gates}, {})
+            return ImageEvidence(
+                {name: "its examples come with an image; the request has none" for name in trained.gates}, {}
+            )
         if trained.neighbours is None:
             return ImageEvidence({}, {})
         feature = unit(self._image_features([query.image])[0] - trained.image_mean)  # [d]
@@ -336,7 +354,9 @@ class AutoRouter(Router):
         decision = decide(scores, evidence.closed, self.threshold, self.name)
         others = self._trained.stand_ins.get(decision.expert or "")
         if others:
-            decision.reason += f"; of the deltas for this task ({', '.join([decision.expert, *others])}) the best measured one"
+            decision.reason += (
+                f"; of the deltas for this task ({', '.join([decision.expert, *others])}) the best measured one"
+            )
         return decision
 
 
@@ -382,7 +402,11 @@ def decide(scores: dict[str, float], closed: dict[str, str], threshold: float, r
     open_tasks = sorted(((p, c) for c, p in scores.items() if c != BASE and c not in closed), reverse=True)
     if open_tasks and open_tasks[0][0] >= threshold:
         p, name = open_tasks[0]
-        return RouteDecision(name, p, f"`{name}` is the most likely task ({summary}) and reaches {threshold:.2f}", router, scores)
+        return RouteDecision(
+            name, p, f"`{name}` is the most likely task ({summary}) and reaches {threshold:.2f}", router, scores
+        )
     ruled_out = "; ".join(f"not `{n}`: {why}" for n, why in closed.items() if scores.get(n, 0.0) >= threshold)
-    reason = f"no task reaches {threshold:.2f} ({summary}){'; ' + ruled_out if ruled_out else ''}: open world, base model"
+    reason = (
+        f"no task reaches {threshold:.2f} ({summary}){'; ' + ruled_out if ruled_out else ''}: open world, base model"
+    )
     return RouteDecision(None, scores[BASE], reason, router, scores)

@@ -156,7 +156,11 @@ class TaskWording:
         self.examples: list[tuple[dict[Term, float], float]] = []
         for i, terms in enumerate(term_sets):
             sims = sorted(
-                ((len(terms & other) / math.sqrt(len(terms) * len(other) or 1), j) for j, other in enumerate(term_sets) if j != i),
+                (
+                    (len(terms & other) / math.sqrt(len(terms) * len(other) or 1), j)
+                    for j, other in enumerate(term_sets)
+                    if j != i
+                ),
                 reverse=True,
             )[:support_k]
             weights = {}
@@ -182,7 +186,9 @@ class TaskWording:
 class CoverageRouter(Router):
     name = "coverage"
 
-    def __init__(self, options: dict[str, str] | None = None, *, engine: Any = None, base_dir: str | None = None, **context: Any):
+    def __init__(
+        self, options: dict[str, str] | None = None, *, engine: Any = None, base_dir: str | None = None, **context: Any
+    ):
         super().__init__(options)
         unknown = set(self.options) - set(DEFAULTS)
         if unknown:
@@ -225,7 +231,11 @@ class CoverageRouter(Router):
         known = [f for f in features if f is not None]
         self._image_mean = np.concatenate(known).mean(0) if known else None
         self._tasks = [
-            (t.name, TaskWording(self.text, [text for text, _ in t.examples], self.support_k), None if f is None else unit(f - self._image_mean))
+            (
+                t.name,
+                TaskWording(self.text, [text for text, _ in t.examples], self.support_k),
+                None if f is None else unit(f - self._image_mean),
+            )
             for t, f in zip(tasks, features, strict=True)
         ]
 
@@ -273,7 +283,9 @@ class Evidence:
         return text if self.image is None else f"{text}, image {self.image:.2f} (weight {image_weight:.2f})"
 
 
-def decide(evidence: dict[str, Evidence], threshold: float, image_weight: float, margin: float, router: str = "coverage") -> RouteDecision:
+def decide(
+    evidence: dict[str, Evidence], threshold: float, image_weight: float, margin: float, router: str = "coverage"
+) -> RouteDecision:
     """The decision rule: the best task if it reaches ``threshold`` and beats the runner-up by ``margin``, else the base."""
     if not evidence:
         return RouteDecision(None, 0.0, "no task with routing examples is registered: base model", router)
@@ -282,10 +294,25 @@ def decide(evidence: dict[str, Evidence], threshold: float, image_weight: float,
     runner_up, second = ranked[1] if len(ranked) > 1 else (0.0, None)
     why = evidence[best].describe(image_weight)
     if score < threshold:
-        return RouteDecision(None, score, f"best match `{best}` scores {score:.3f} < threshold {threshold:.2f} ({why}): open world, base model", router)
+        return RouteDecision(
+            None,
+            score,
+            f"best match `{best}` scores {score:.3f} < threshold {threshold:.2f} ({why}): open world, base model",
+            router,
+        )
     if score - runner_up < margin:
-        return RouteDecision(None, score, f"`{best}` ({score:.2f}) and `{second}` ({runner_up:.2f}) are closer than the margin {margin:.2f}: base model", router)
-    return RouteDecision(best, score, f"`{best}` scores {score:.3f} ≥ threshold {threshold:.2f}: {why}; next best {runner_up:.2f}", router)
+        return RouteDecision(
+            None,
+            score,
+            f"`{best}` ({score:.2f}) and `{second}` ({runner_up:.2f}) are closer than the margin {margin:.2f}: base model",
+            router,
+        )
+    return RouteDecision(
+        best,
+        score,
+        f"`{best}` scores {score:.3f} ≥ threshold {threshold:.2f}: {why}; next best {runner_up:.2f}",
+        router,
+    )
 
 
 def _load_tokenizer(base_dir: str | None):

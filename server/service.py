@@ -111,7 +111,9 @@ class DeltaService:
         if exclusive is not None:
             exclusive.on_unstaged = self.scheduler.state_removed
         self.explicit_router = ExplicitRouter()
-        self.auto_router: Router = load_router(config.router, _router_options(config.extra), engine=engine, base_dir=config.engine.model)
+        self.auto_router: Router = load_router(
+            config.router, _router_options(config.extra), engine=engine, base_dir=config.engine.model
+        )
         registry.before_publish = self._prepare_routing
         self.base_name = engine.model_name
         self.image_tokens = _image_tokens(engine)
@@ -203,7 +205,12 @@ class DeltaService:
     async def route(self, req: InferenceRequest) -> Routed:
         """The routing decision ``req`` would get, without generating (no engine work, no metrics)."""
         prep = await asyncio.to_thread(
-            prepare, req, tokenizer=self.engine.tokenizer, max_model_len=self.engine.max_model_len, image_tokens=self.image_tokens, config=self.config
+            prepare,
+            req,
+            tokenizer=self.engine.tokenizer,
+            max_model_len=self.engine.max_model_len,
+            image_tokens=self.image_tokens,
+            config=self.config,
         )
         decision = self._route(req.task, prep)
         return Routed(prep.request_id, decision.expert or self.base_name, decision, prep.prompt_tokens)
@@ -218,7 +225,9 @@ class DeltaService:
             return self.explicit_router.route(query)
         decision = self.auto_router.route(query)
         if decision.expert is not None and decision.expert not in self.registry.names():
-            return RouteDecision(None, decision.score, f"router chose unknown task `{decision.expert}`; base instead", decision.router)
+            return RouteDecision(
+                None, decision.score, f"router chose unknown task `{decision.expert}`; base instead", decision.router
+            )
         return decision
 
     @property
@@ -248,7 +257,9 @@ class DeltaService:
         if expected and not (token and hmac.compare_digest(token.encode(), expected.encode())):
             raise UnauthenticatedError("this operation needs the admin token (Authorization: Bearer <token>)")
 
-    async def register(self, *, token: str | None, path: Path | None = None, files=None, name: str | None = None) -> LiveDelta:
+    async def register(
+        self, *, token: str | None, path: Path | None = None, files=None, name: str | None = None
+    ) -> LiveDelta:
         self.check_admin(token)
         if files is not None:
             staging = await asyncio.to_thread(self.registry.write_upload, files)
@@ -291,14 +302,21 @@ class DeltaService:
         """
         self.check_admin(token)
         if self.exclusive is None:
-            raise UnavailableError("weight verification needs the worker extension (the server runs with --no-exclusive)")
+            raise UnavailableError(
+                "weight verification needs the worker extension (the server runs with --no-exclusive)"
+            )
         from deltaserve.server.worker_patches import checkpoint_hashes
 
         async with self.scheduler.slot(BASE_STATE):
             live = await self.exclusive.live_hashes()
         expected = await asyncio.to_thread(checkpoint_hashes, self.config.engine.model, sorted(live))
         mismatched = sorted(name for name in live if live[name] != expected[name])
-        return {"match": not mismatched, "tensors": len(live), "mismatched": mismatched, "state_switches": self.scheduler.switches}
+        return {
+            "match": not mismatched,
+            "tensors": len(live),
+            "mismatched": mismatched,
+            "state_switches": self.scheduler.switches,
+        }
 
     async def _prepare_routing(self, deltas: list[LiveDelta]):
         """The registry's ``before_publish`` hook: retrain the router off the loop, install it at publication."""
@@ -337,7 +355,9 @@ def task_card(delta: LiveDelta) -> TaskCard:
             with Image.open(delta.path / ex.image) as img:
                 image = img.convert("RGB")
         examples.append((ex.text, image))
-    return TaskCard(delta.name, delta.kind, delta.manifest.task.description, examples, delta.manifest.task.metrics.get("target"))
+    return TaskCard(
+        delta.name, delta.kind, delta.manifest.task.description, examples, delta.manifest.task.metrics.get("target")
+    )
 
 
 async def _base_only_switch(state: str) -> None:

@@ -37,7 +37,9 @@ def _gather(lora_weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtyp
     return selected
 
 
-def _lora_rows(inputs: torch.Tensor, lora_weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _lora_rows(
+    inputs: torch.Tensor, lora_weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """``x_b @ W[idx_b]^T`` per row; exactly zero where ``idx_b == -1`` (no adapter)."""
     outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=dtype), _gather(lora_weights, indices, dtype))
     return outputs.masked_fill((indices < 0).unsqueeze(-1), 0.0)
@@ -60,7 +62,15 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
         output_tensor[:, :common_len] = outputs[:limit, :common_len]
 
 
-def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int, add_inputs: bool = True):
+def bgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    lora_indices_tensor,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = True,
+):
     outputs = _lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
@@ -82,8 +92,12 @@ def fix_cpu_lora_ops() -> bool:
     if getattr(lora_ops, _MARK, False):
         return False
     for name in FIXED_OPS:
-        if "lora_b_weights[lora_indices_tensor]" not in inspect.getsource(getattr(lora_ops, name)):  # the aliasing gather
-            raise RuntimeError(f"vllm {name} changed since deltaserve's CPU LoRA fix was written: re-check server/vllm_fixes.py")
+        if "lora_b_weights[lora_indices_tensor]" not in inspect.getsource(
+            getattr(lora_ops, name)
+        ):  # the aliasing gather
+            raise RuntimeError(
+                f"vllm {name} changed since deltaserve's CPU LoRA fix was written: re-check server/vllm_fixes.py"
+            )
     for module in (lora_ops, torch_ops, punica_cpu):  # sgmv_* call the lora_ops globals
         for name, fixed in FIXED_OPS.items():
             if hasattr(module, name):

@@ -91,7 +91,9 @@ def resolve(model: torch.nn.Module, ckpt_name: str) -> Target:
             holder = _holder(modules[f"{parent}.{fused}"])
             sizes = list(holder.output_sizes)
             index = parts.index(leaf)
-            return Target(f"{parent}.{fused}", holder, param, sum(sizes[:index]), sizes[index], [f"{parent}.{p}" for p in parts])
+            return Target(
+                f"{parent}.{fused}", holder, param, sum(sizes[:index]), sizes[index], [f"{parent}.{p}" for p in parts]
+            )
     raise KeyError(f"vLLM's model has no tensor for checkpoint `{ckpt_name}`")
 
 
@@ -176,7 +178,9 @@ def build_sparse_patch(model: torch.nn.Module, base_dir: str | Path, bundle_dir:
         else:
             tensor = getattr(target.module, target.param).data
         # Rows of a fused tensor; leading rows of a padded one (vLLM pads vocabularies).
-        rows = tensor[target.row_offset : target.row_offset + shape[0]] if target.rows is not None else tensor[: shape[0]]
+        rows = (
+            tensor[target.row_offset : target.row_offset + shape[0]] if target.rows is not None else tensor[: shape[0]]
+        )
         if tuple(rows.shape) != shape:
             raise ValueError(f"`{name}`: live tensor rows {tuple(rows.shape)} do not match checkpoint shape {shape}")
         if target.packed:
@@ -200,12 +204,20 @@ def build_bottleneck_patch(model: torch.nn.Module, bundle_dir: str | Path, confi
     patch = Patch()
     for name in config["modules"]:
         if name not in modules:
-            raise KeyError(f"bottleneck target `{name}` is not a module of vLLM's model (fused layers such as q_proj cannot be targets)")
+            raise KeyError(
+                f"bottleneck target `{name}` is not a module of vLLM's model (fused layers such as q_proj cannot be targets)"
+            )
         holder = _holder(modules[name])
         if not hasattr(holder, "cpu_linear"):
             raise TypeError(f"bottleneck target `{name}` is not a linear layer served by a CPU GEMM")
         dim = tensors[f"{name}.up.weight"].shape[0]
-        adapter = BottleneckAdapter(dim, config["bottleneck_dim"], config["activation"], config["scaling"], dtype=tensors[f"{name}.up.weight"].dtype)
+        adapter = BottleneckAdapter(
+            dim,
+            config["bottleneck_dim"],
+            config["activation"],
+            config["scaling"],
+            dtype=tensors[f"{name}.up.weight"].dtype,
+        )
         adapter.load_tensors(name, tensors)
         adapter.eval().requires_grad_(False)
         base = holder.cpu_linear
@@ -279,7 +291,9 @@ def live_tensor(model: torch.nn.Module, ckpt_name: str, shape: tuple[int, ...]) 
     module = target.module
     if target.packed:
         n_in = shape[1]
-        full = module.cpu_linear(torch.eye(n_in, dtype=module.weight.dtype), module.weight, None).t().contiguous()  # [out_total, in]
+        full = (
+            module.cpu_linear(torch.eye(n_in, dtype=module.weight.dtype), module.weight, None).t().contiguous()
+        )  # [out_total, in]
         if module.weight.numel() and not torch.equal(full, module.weight.data[: full.shape[0]]):
             raise AssertionError(f"`{target.module_name}`: the packed GEMM and the kept weight disagree")
     else:

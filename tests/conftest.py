@@ -52,4 +52,3 @@ def sample_images():
 
     rng = np.random.default_rng(1234)
     return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
-

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from deltaserve.tuning.synthetic import SPARSE_PARAMS, make_bottleneck_bundle, make_lora_bundle, make_peft_adapter, make_sparse_bundle  # noqa: F401
+from deltaserve.tuning.synthetic import (  # noqa: F401 (re-exported for the tests)
+    SPARSE_PARAMS,
+    make_bottleneck_bundle,
+    make_lora_bundle,
+    make_peft_adapter,
+    make_sparse_bundle,
+)
 
 
 PROMPTS = [
@@ -27,7 +33,11 @@ def hf_greedy(model, processor, prompt: str, image=None, max_new_tokens: int = 1
     """
     import torch
 
-    inputs = processor(images=image, text=prompt, return_tensors="pt") if image is not None else processor(text=prompt, return_tensors="pt")
+    inputs = (
+        processor(images=image, text=prompt, return_tensors="pt")
+        if image is not None
+        else processor(text=prompt, return_tensors="pt")
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     ids = out[0, inputs["input_ids"].shape[1] :].tolist()
@@ -35,12 +45,16 @@ def hf_greedy(model, processor, prompt: str, image=None, max_new_tokens: int = 1
     return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
-async def vllm_greedy(engine, prompt: str, image=None, max_tokens: int = 12, lora=None, request_id: str = "t") -> list[int]:
+async def vllm_greedy(
+    engine, prompt: str, image=None, max_tokens: int = 12, lora=None, request_id: str = "t"
+) -> list[int]:
     from deltaserve.server.engine import GenerationInput, Sampling
 
     ids = engine.tokenizer(prompt).input_ids
     out: list[int] = []
-    async for chunk in engine.generate(GenerationInput(request_id, ids, Sampling(max_tokens=max_tokens, temperature=0.0), image=image, lora=lora)):
+    async for chunk in engine.generate(
+        GenerationInput(request_id, ids, Sampling(max_tokens=max_tokens, temperature=0.0), image=image, lora=lora)
+    ):
         out += chunk.token_ids
     return out
 
@@ -77,3 +91,38 @@ def plugin_model(base_dir, bundle_dir):
     bundle = read_bundle(bundle_dir, BaseSpec.from_dir(base_dir))
     get_kind(bundle.manifest.kind)().apply(model, bundle)
     return model
+
+
+class FakeEngine:
+    """The engine as the registry and the service use it, for engine-free tests of *their* logic:
+    LoRA adapters are accepted and listed, never computed with. With ``base_dir`` it also has
+    the base's tokenizer and config, which is what request validation needs."""
+
+    model_name = "tiny-llava"
+
+    def __init__(self, base_dir=None):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(enable_lora=True)
+        self.errored = False
+        self.loras: set[int] = set()
+        if base_dir is not None:
+            from transformers import AutoConfig, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+            self.hf_config = AutoConfig.from_pretrained(str(base_dir))
+            self.max_model_len = self.hf_config.text_config.max_position_embeddings
+
+    async def add_lora(self, request):
+        self.loras.add(request.lora_int_id)
+        return True
+
+    async def remove_lora(self, lora_id):
+        self.loras.discard(lora_id)
+        return True
+
+    async def list_loras(self) -> set[int]:
+        return set(self.loras)
+
+    async def reset_prefix_cache(self):
+        return None

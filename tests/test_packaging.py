@@ -24,7 +24,9 @@ def test_every_source_package_is_packaged():
 
 
 def test_dependencies_are_pinned():
-    deps = PYPROJECT["project"]["dependencies"] + [d for group in PYPROJECT["project"]["optional-dependencies"].values() for d in group]
+    deps = PYPROJECT["project"]["dependencies"] + [
+        d for group in PYPROJECT["project"]["optional-dependencies"].values() for d in group
+    ]
     assert all("==" in d for d in deps), [d for d in deps if "==" not in d]
 
 

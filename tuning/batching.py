@@ -65,7 +65,9 @@ def encode(processor, samples: list[Sample]) -> list[Encoded]:
             targets = tokenizer([target_text(s) for s in chunk], add_special_tokens=False)["input_ids"]
             for j, sample in enumerate(chunk):
                 pv = None if pixels[j] is None else torch.as_tensor(pixels[j], dtype=torch.float32)
-                out[indices[start + j]] = Encoded(sample, list(enc["input_ids"][j]), list(targets[j]) + [tokenizer.eos_token_id], pv)
+                out[indices[start + j]] = Encoded(
+                    sample, list(enc["input_ids"][j]), list(targets[j]) + [tokenizer.eos_token_id], pv
+                )
     return out  # type: ignore[return-value]
 
 

@@ -158,7 +158,9 @@ def read_split(task_dir: str | Path, split: str, task_name: str = "", check_imag
         if sample is None:
             continue
         if sample.id in seen:
-            problems.append(DataProblem(path, number, f"duplicate `id` {sample.id!r} (first on line {seen[sample.id]})"))
+            problems.append(
+                DataProblem(path, number, f"duplicate `id` {sample.id!r} (first on line {seen[sample.id]})")
+            )
             continue
         seen[sample.id] = number
         samples.append(sample)
@@ -232,7 +234,9 @@ def load_task(task_dir: str | Path, splits: tuple[str, ...] = SPLITS, check_imag
     return Task(info, loaded)
 
 
-def load_tasks(root: str | Path, type: str | None = None, names: tuple[str, ...] | None = None, splits: tuple[str, ...] = SPLITS) -> dict[str, Task]:
+def load_tasks(
+    root: str | Path, type: str | None = None, names: tuple[str, ...] | None = None, splits: tuple[str, ...] = SPLITS
+) -> dict[str, Task]:
     """Every task directory directly under ``root`` (optionally only one ``type`` or the named ones), by name."""
     root = Path(root)
     tasks: dict[str, Task] = {}
@@ -241,7 +245,15 @@ def load_tasks(root: str | Path, type: str | None = None, names: tuple[str, ...]
         if (type is not None and info.type != type) or (names is not None and info.name not in names):
             continue
         if info.name in tasks:
-            raise DataError([DataProblem(task_dir / "task.json", None, f"task name `{info.name}` also used by {tasks[info.name].info.path}")])
+            raise DataError(
+                [
+                    DataProblem(
+                        task_dir / "task.json",
+                        None,
+                        f"task name `{info.name}` also used by {tasks[info.name].info.path}",
+                    )
+                ]
+            )
         tasks[info.name] = load_task(task_dir, splits)
     missing = set(names or ()) - set(tasks)
     if missing:

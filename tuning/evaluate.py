@@ -61,14 +61,25 @@ def generate(model, processor, items: list[Encoded], max_new_tokens: int, batch_
     return answers
 
 
-def evaluate(model, processor, samples: list[Sample] | list[Encoded], max_new_tokens: int | None = None, batch_size: int = 64, return_predictions: bool = False) -> dict:
+def evaluate(
+    model,
+    processor,
+    samples: list[Sample] | list[Encoded],
+    max_new_tokens: int | None = None,
+    batch_size: int = 64,
+    return_predictions: bool = False,
+) -> dict:
     """``{"exact_match": mean normalised exact match, "token_f1": mean token F1, "n": len(samples)}``
     (+ ``"predictions"`` on request).
 
     ``max_new_tokens`` defaults to the longest target's token count plus a margin: a longer
     answer can never match.
     """
-    items = [s for s in samples if isinstance(s, Encoded)] if samples and isinstance(samples[0], Encoded) else encode(processor, samples)
+    items = (
+        [s for s in samples if isinstance(s, Encoded)]
+        if samples and isinstance(samples[0], Encoded)
+        else encode(processor, samples)
+    )
     if not items:
         return {"exact_match": 0.0, "token_f1": 0.0, "n": 0}
     if max_new_tokens is None:
@@ -82,7 +93,14 @@ def evaluate(model, processor, samples: list[Sample] | list[Encoded], max_new_to
     return result
 
 
-def evaluate_tasks(model, processor, tasks: dict[str, list[Sample] | list[Encoded]], details: bool = False, metrics: dict[str, str] | None = None, **kwargs) -> dict:
+def evaluate_tasks(
+    model,
+    processor,
+    tasks: dict[str, list[Sample] | list[Encoded]],
+    details: bool = False,
+    metrics: dict[str, str] | None = None,
+    **kwargs,
+) -> dict:
     """Score per task name: its metric from ``metrics`` (task name → ``"exact_match"`` or ``"token_f1"``,
     as in ``task.json``; exact match when absent). With ``details``, each task's whole :func:`evaluate`
     result instead, plus ``"score"``."""

@@ -66,7 +66,10 @@ class PretrainConfig:
             weight_decay=self.weight_decay,
             seed=self.seed,
             balance_tasks=True,
-            lr_multipliers=(("model.vision_tower.", self.vision_lr_scale), ("model.multi_modal_projector.", self.projector_lr_scale)),
+            lr_multipliers=(
+                ("model.vision_tower.", self.vision_lr_scale),
+                ("model.multi_modal_projector.", self.projector_lr_scale),
+            ),
         )
 
     def base_config(self) -> factory.TinyBaseConfig:
@@ -145,7 +148,9 @@ def train_base(config: PretrainConfig, progress: bool = True):
     result = train.train(model, processor, items, config.train_config(), progress=progress, desc="pretrain")
     trained = time.perf_counter()
     metrics = {name: task.info.metric for name, task in tasks.items()}
-    details = evaluate.evaluate_tasks(model, processor, {name: task["test"] for name, task in tasks.items()}, details=True, metrics=metrics)
+    details = evaluate.evaluate_tasks(
+        model, processor, {name: task["test"] for name, task in tasks.items()}, details=True, metrics=metrics
+    )
     scores = {name: d["score"] for name, d in details.items()}
     meta = {
         "stage": "pretrained",

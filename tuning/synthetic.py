@@ -28,7 +28,17 @@ def _task_info(name: str, description: str, examples):
     return TaskInfo(description or f"test task {name}", [Example(text) for text in examples])
 
 
-def make_sparse_bundle(base_dir, out_dir, name: str, seed: int, params=SPARSE_PARAMS, density: float = 0.1, scale: float = 0.6, description: str = "", examples=()):
+def make_sparse_bundle(
+    base_dir,
+    out_dir,
+    name: str,
+    seed: int,
+    params=SPARSE_PARAMS,
+    density: float = 0.1,
+    scale: float = 0.6,
+    description: str = "",
+    examples=(),
+):
     """A `sparse` bundle with random values at ``density`` of each parameter's coordinates."""
     import torch
 
@@ -44,11 +54,18 @@ def make_sparse_bundle(base_dir, out_dir, name: str, seed: int, params=SPARSE_PA
         indices = torch.randperm(numel, generator=gen)[: max(1, int(numel * density))].sort().values
         deltas[param] = (indices, torch.randn(indices.numel(), generator=gen) * scale)
     return write_sparse_bundle(
-        out_dir, name=name, base=base, deltas=deltas, task=_task_info(name, description, examples), method=MethodInfo("test", {"seed": seed})
+        out_dir,
+        name=name,
+        base=base,
+        deltas=deltas,
+        task=_task_info(name, description, examples),
+        method=MethodInfo("test", {"seed": seed}),
     )
 
 
-def make_bottleneck_bundle(base_dir, out_dir, name: str, seed: int, layers=(0, 1, 2, 3), dim: int = 8, description: str = "", examples=()):
+def make_bottleneck_bundle(
+    base_dir, out_dir, name: str, seed: int, layers=(0, 1, 2, 3), dim: int = 8, description: str = "", examples=()
+):
     """A `bottleneck` bundle on every decoder layer's ``down_proj`` with a non-zero ``up`` (a fresh adapter is the identity)."""
     import torch
 
@@ -67,7 +84,12 @@ def make_bottleneck_bundle(base_dir, out_dir, name: str, seed: int, layers=(0, 1
         torch.nn.init.normal_(adapter.up.bias, std=0.1, generator=gen)
         adapters[f"language_model.model.layers.{layer}.mlp.down_proj"] = adapter
     return write_bottleneck_bundle(
-        out_dir, name=name, base=base, adapters=adapters, task=_task_info(name, description, examples), method=MethodInfo("test", {"seed": seed})
+        out_dir,
+        name=name,
+        base=base,
+        adapters=adapters,
+        task=_task_info(name, description, examples),
+        method=MethodInfo("test", {"seed": seed}),
     )
 
 
@@ -79,7 +101,9 @@ def make_peft_adapter(base_dir, out_dir, seed: int, r: int = 8, targets: str = "
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=rf".*language_model.*\.({targets})", init_lora_weights=False)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=rf".*language_model.*\.({targets})", init_lora_weights=False
+    )
     get_peft_model(model, config).save_pretrained(str(out_dir))
     return out_dir
 
@@ -95,5 +119,10 @@ def make_lora_bundle(base_dir, out_dir, name: str, seed: int, description: str =
     with tempfile.TemporaryDirectory() as tmp:
         adapter = make_peft_adapter(base_dir, Path(tmp) / "adapter", seed)
         return import_peft_adapter(
-            adapter, out_dir, name=name, base=BaseSpec.from_dir(base_dir), description=description or f"test task {name}", examples=examples
+            adapter,
+            out_dir,
+            name=name,
+            base=BaseSpec.from_dir(base_dir),
+            description=description or f"test task {name}",
+            examples=examples,
         )

@@ -120,7 +120,9 @@ def train(
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     tensors = [p for _, p in params]
-    optimizer = torch.optim.AdamW(_param_groups(params, config), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        _param_groups(params, config), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     stream = BatchStream(items, config.batch_size, seed=config.seed, balance_tasks=config.balance_tasks)
     pad_id = processor.tokenizer.pad_token_id

@@ -59,7 +59,9 @@ class TuneError(DeltaServeError):
     def __init__(self, problems: list[DataProblem]):
         self.problems = list(problems)
         lines = [str(p) for p in self.problems]
-        super().__init__(lines[0] if len(lines) == 1 else "\n  ".join([f"cannot tune ({len(lines)} problems):", *lines]))
+        super().__init__(
+            lines[0] if len(lines) == 1 else "\n  ".join([f"cannot tune ({len(lines)} problems):", *lines])
+        )
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,11 @@ class TuneConfig:
         )
 
     def scope(self) -> Scope:
-        return Scope(last_n_layers=self.last_n_layers, train_vision_tower=self.train_vision_tower, train_lm_head=self.train_lm_head)
+        return Scope(
+            last_n_layers=self.last_n_layers,
+            train_vision_tower=self.train_vision_tower,
+            train_lm_head=self.train_lm_head,
+        )
 
 
 @dataclass
@@ -146,7 +152,13 @@ def check_base_dir(base_dir: str | Path) -> Path:
     base_dir = Path(base_dir)
     config_path = base_dir / "config.json"
     if not config_path.is_file():
-        raise TuneError([DataProblem(config_path, None, "missing: `--base` must be a model directory (config.json + *.safetensors)")])
+        raise TuneError(
+            [
+                DataProblem(
+                    config_path, None, "missing: `--base` must be a model directory (config.json + *.safetensors)"
+                )
+            ]
+        )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -156,7 +168,13 @@ def check_base_dir(base_dir: str | Path) -> Path:
     problems = []
     if not isinstance(config, dict) or config.get("model_type") != "llava":
         got = config.get("model_type") if isinstance(config, dict) else None
-        problems.append(DataProblem(config_path, _line_of(config_path, '"model_type"'), f"`model_type` must be `llava` (a LLaVA base), got {got!r}"))
+        problems.append(
+            DataProblem(
+                config_path,
+                _line_of(config_path, '"model_type"'),
+                f"`model_type` must be `llava` (a LLaVA base), got {got!r}",
+            )
+        )
     if not any(base_dir.glob("*.safetensors")):
         problems.append(DataProblem(base_dir, None, "no *.safetensors weights (pickled checkpoints are not loaded)"))
     if problems:
@@ -175,7 +193,9 @@ def bundle_problem_lines(bundle_dir: Path, error: BundleError) -> list[DataProbl
     """A bundle error as file:line problems (the base fingerprint line of ``delta.json`` for a base mismatch)."""
     manifest = Path(bundle_dir) / "delta.json"
     return [
-        DataProblem(manifest, _line_of(manifest, '"fingerprint"') if p.startswith("base fingerprint mismatch") else None, p)
+        DataProblem(
+            manifest, _line_of(manifest, '"fingerprint"') if p.startswith("base fingerprint mismatch") else None, p
+        )
         for p in error.problems
     ]
 
@@ -230,7 +250,9 @@ def harmonic(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
-def score(model, processor, target: list[data.Sample] | None, general: dict[str, data.Task] | None, limit: int | None) -> dict[str, float]:
+def score(
+    model, processor, target: list[data.Sample] | None, general: dict[str, data.Task] | None, limit: int | None
+) -> dict[str, float]:
     """``target`` (exact match), ``general`` (mean of each general task's own metric, as in its
     ``task.json``), ``h`` and ``general.<task>`` of ``model``, rounded to 4 places."""
     metrics: dict[str, float] = {}
@@ -238,7 +260,9 @@ def score(model, processor, target: list[data.Sample] | None, general: dict[str,
         metrics["target"] = evaluate.evaluate(model, processor, _limit(target, limit))["exact_match"]
     if general:
         samples = {n: _limit(t["test"], limit) for n, t in general.items()}
-        scores = evaluate.evaluate_tasks(model, processor, samples, metrics={n: t.info.metric for n, t in general.items()})
+        scores = evaluate.evaluate_tasks(
+            model, processor, samples, metrics={n: t.info.metric for n, t in general.items()}
+        )
         metrics["general"] = evaluate.general_score(scores)
         metrics.update({f"general.{n}": v for n, v in scores.items()})
     if "target" in metrics and "general" in metrics:
@@ -346,7 +370,9 @@ def tune(
     prepared = time.perf_counter()
 
     train_config = config.train_config(method)
-    result = train.train(train_model, processor, items, train_config, probe, progress=progress, desc=f"tune {method}:{name}")
+    result = train.train(
+        train_model, processor, items, train_config, probe, progress=progress, desc=f"tune {method}:{name}"
+    )
     tuner.finalize(base_dir)
     trained = time.perf_counter()
 
@@ -426,7 +452,12 @@ def evaluate_bundle(
         scores = {t.name: evaluate.evaluate(model, processor, _limit(t["test"], limit))["exact_match"] for t in tasks}
         general_metrics = score(model, processor, None, general, limit) if general else {}
     target_task = bundle.name if bundle.name in scores else (tasks[0].name if tasks else None)
-    report = {"bundle": str(bundle_dir), "name": bundle.name, "kind": bundle.manifest.kind, "scores": {k: round(v, 4) for k, v in scores.items()}}
+    report = {
+        "bundle": str(bundle_dir),
+        "name": bundle.name,
+        "kind": bundle.manifest.kind,
+        "scores": {k: round(v, 4) for k, v in scores.items()},
+    }
     if target_task is not None:
         report["target_task"] = target_task
         report["target"] = round(scores[target_task], 4)
@@ -444,13 +475,38 @@ def _code_hash() -> str:
     from deltaserve.plugins.bottleneck import adapter, kind as bottleneck_kind
     from deltaserve.plugins.lora import writer as lora_writer
     from deltaserve.plugins.sparse import writer as sparse_writer
-    from deltaserve.tuning.methods import base as m_base, bottleneck as m_bottleneck, full, lora, magnitude, scope, selective, spider
+    from deltaserve.tuning.methods import (
+        base as m_base,
+        bottleneck as m_bottleneck,
+        full,
+        lora,
+        magnitude,
+        scope,
+        selective,
+        spider,
+    )
 
-    modules = [batching, data, evaluate, train, sys.modules[__name__], m_base, m_bottleneck, full, lora, magnitude, scope, selective, spider]
+    modules = [
+        batching,
+        data,
+        evaluate,
+        train,
+        sys.modules[__name__],
+        m_base,
+        m_bottleneck,
+        full,
+        lora,
+        magnitude,
+        scope,
+        selective,
+        spider,
+    ]
     return source_hash(modules + [writer, adapter, bottleneck_kind, lora_writer, sparse_writer])
 
 
-def delta_key(base_dir: Path, task_dir: Path, method: str, config: TuneConfig, name: str, general_dir: Path | None) -> str:
+def delta_key(
+    base_dir: Path, task_dir: Path, method: str, config: TuneConfig, name: str, general_dir: Path | None
+) -> str:
     """Content key of a tuned delta: base fingerprint, data, method + config, code and library versions."""
     import peft
     import transformers
@@ -502,8 +558,17 @@ def cached_delta(
     if (final / "tune.json").is_file():
         return final / "bundle"
     with atomic_dir(final, exist_ok=True) as tmp:
-        result = tune(base_dir, task_dir, method, tmp / "bundle", config, name=name, general_dir=general_dir, progress=progress)
-        summary = {"method": method, "metrics": result.metrics, "stats": result.stats, "seconds": result.seconds, "step_seconds": result.step_seconds, "key": key}
+        result = tune(
+            base_dir, task_dir, method, tmp / "bundle", config, name=name, general_dir=general_dir, progress=progress
+        )
+        summary = {
+            "method": method,
+            "metrics": result.metrics,
+            "stats": result.stats,
+            "seconds": result.seconds,
+            "step_seconds": result.step_seconds,
+            "key": key,
+        }
         (tmp / "tune.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return final / "bundle"
 

@@ -4,4 +4,11 @@ from deltaserve.plugins.bottleneck.adapter import ACTIVATIONS, BottleneckAdapter
 from deltaserve.plugins.bottleneck.kind import ADAPTER_FILE, BottleneckKind
 from deltaserve.plugins.bottleneck.writer import write_bottleneck_bundle
 
-__all__ = ["ACTIVATIONS", "ADAPTER_FILE", "BottleneckAdapter", "BottleneckKind", "attach_adapters", "write_bottleneck_bundle"]
+__all__ = [
+    "ACTIVATIONS",
+    "ADAPTER_FILE",
+    "BottleneckAdapter",
+    "BottleneckKind",
+    "attach_adapters",
+    "write_bottleneck_bundle",
+]

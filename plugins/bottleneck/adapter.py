@@ -33,7 +33,9 @@ class BottleneckAdapter(nn.Module):
     adapter has ``up`` zero, so it is the identity until trained.
     """
 
-    def __init__(self, dim: int, bottleneck_dim: int, activation: str = "relu", scaling: float = 1.0, *, dtype=None, device=None):
+    def __init__(
+        self, dim: int, bottleneck_dim: int, activation: str = "relu", scaling: float = 1.0, *, dtype=None, device=None
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
@@ -67,7 +69,9 @@ class BottleneckAdapter(nn.Module):
         return (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
 
 
-def attach_adapters(model: nn.Module, adapters: Mapping[str, BottleneckAdapter], description: str = "bottleneck") -> AppliedDelta:
+def attach_adapters(
+    model: nn.Module, adapters: Mapping[str, BottleneckAdapter], description: str = "bottleneck"
+) -> AppliedDelta:
     """Run each adapter on the output of its module (keys: checkpoint names) via forward hooks.
 
     The adapters are *not* registered as sub-modules, so the model's parameters and

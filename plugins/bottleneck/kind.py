@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 from deltaserve.plugins.base_spec import LANGUAGE_MODEL_PREFIX
 from deltaserve.plugins.bottleneck.adapter import ACTIVATIONS, TENSOR_SUFFIXES, BottleneckAdapter, attach_adapters
 from deltaserve.plugins.kind import AppliedDelta, DeltaKind
-from deltaserve.plugins.kind_checks import dtype_name, is_int, is_number, required_tensors, tensor_set_problems, unexpected_fields
+from deltaserve.plugins.kind_checks import (
+    dtype_name,
+    is_int,
+    is_number,
+    required_tensors,
+    tensor_set_problems,
+    unexpected_fields,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +35,12 @@ PLACEMENTS = ("output",)  # sequential adapter on the module output; other place
 
 
 def _valid_modules(modules: object) -> bool:
-    return isinstance(modules, list) and bool(modules) and all(isinstance(m, str) for m in modules) and len(set(modules)) == len(modules)
+    return (
+        isinstance(modules, list)
+        and bool(modules)
+        and all(isinstance(m, str) for m in modules)
+        and len(set(modules)) == len(modules)
+    )
 
 
 def config_problems(config: dict) -> list[str]:
@@ -46,14 +58,20 @@ def config_problems(config: dict) -> list[str]:
     return problems
 
 
-def _module_problems(module: str, tensors: dict[str, torch.Tensor], r: int, base: BaseSpec | None, shapes: dict) -> list[str]:
+def _module_problems(
+    module: str, tensors: dict[str, torch.Tensor], r: int, base: BaseSpec | None, shapes: dict
+) -> list[str]:
     problems = []
     if not module.startswith(LANGUAGE_MODEL_PREFIX):
         problems.append(f"module `{module}` is outside the language model (`{LANGUAGE_MODEL_PREFIX}…`)")
     if base is not None and module not in shapes:
         problems.append(f"module `{module}` is not a linear module of the base")
     up_bias = tensors.get(f"{module}.up.bias")
-    d = shapes[module][0] if module in shapes else (up_bias.shape[0] if up_bias is not None and up_bias.dim() == 1 else None)
+    d = (
+        shapes[module][0]
+        if module in shapes
+        else (up_bias.shape[0] if up_bias is not None and up_bias.dim() == 1 else None)
+    )
     expected_dtype = base.param_dtype(f"{module}.weight") if base is not None else None
     for suffix, shape in zip(TENSOR_SUFFIXES, ([r, d], [r], [d, r], [d]), strict=True):
         tensor = tensors.get(f"{module}.{suffix}")
@@ -81,7 +99,9 @@ class BottleneckKind(DeltaKind):
         modules, rank = config.get("modules"), config.get("bottleneck_dim")
         if tensors is None or not _valid_modules(modules) or not is_int(rank, minimum=1):
             return problems  # without the module list and rank there is nothing to compare tensors with
-        problems += tensor_set_problems(ADAPTER_FILE, set(tensors), {f"{m}.{s}" for m in modules for s in TENSOR_SUFFIXES})
+        problems += tensor_set_problems(
+            ADAPTER_FILE, set(tensors), {f"{m}.{s}" for m in modules for s in TENSOR_SUFFIXES}
+        )
         shapes = base.module_shapes() if base is not None else {}
         for module in modules:
             problems += _module_problems(module, tensors, rank, base, shapes)
@@ -95,7 +115,12 @@ class BottleneckKind(DeltaKind):
         for module in config["modules"]:
             up_bias = tensors[f"{module}.up.bias"]  # [d]
             adapter = BottleneckAdapter(
-                up_bias.shape[0], config["bottleneck_dim"], config["activation"], config["scaling"], dtype=up_bias.dtype, device=device
+                up_bias.shape[0],
+                config["bottleneck_dim"],
+                config["activation"],
+                config["scaling"],
+                dtype=up_bias.dtype,
+                device=device,
             )
             adapter.load_tensors(module, tensors)
             adapters[module] = adapter.eval().requires_grad_(False)

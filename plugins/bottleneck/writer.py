@@ -46,7 +46,9 @@ def write_bottleneck_bundle(
         "scaling": first.scaling,
         "placement": "output",
     }
-    method = method or MethodInfo("bottleneck", {"bottleneck_dim": config["bottleneck_dim"], "activation": first.activation})
+    method = method or MethodInfo(
+        "bottleneck", {"bottleneck_dim": config["bottleneck_dim"], "activation": first.activation}
+    )
     return write_bundle(
         out_dir,
         name=name,

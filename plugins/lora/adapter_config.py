@@ -39,7 +39,7 @@ def adapter_config_problems(cfg: object) -> list[str]:
         return [f"`{ADAPTER_CONFIG}` must be a JSON object"]
     problems = []
     if cfg.get("peft_type") != "LORA":
-        problems.append(f"`{ADAPTER_CONFIG}` `peft_type` must be \"LORA\", got {cfg.get('peft_type')!r}")
+        problems.append(f'`{ADAPTER_CONFIG}` `peft_type` must be "LORA", got {cfg.get("peft_type")!r}')
     if not is_int(cfg.get("r"), minimum=1):
         problems.append(f"`{ADAPTER_CONFIG}` `r` must be a positive integer")
     if not is_number(cfg.get("lora_alpha")):
@@ -50,7 +50,7 @@ def adapter_config_problems(cfg: object) -> list[str]:
     ):
         problems.append(f"`{ADAPTER_CONFIG}` `target_modules` must be a regex string or a non-empty list of names")
     if cfg.get("bias", "none") not in ("none", None):
-        problems.append(f"`{ADAPTER_CONFIG}` `bias` must be \"none\": bias training is not supported")
+        problems.append(f'`{ADAPTER_CONFIG}` `bias` must be "none": bias training is not supported')
     if not isinstance(cfg.get("use_rslora", False), bool):
         problems.append(f"`{ADAPTER_CONFIG}` `use_rslora` must be a boolean")
     for field, what in _UNSUPPORTED.items():

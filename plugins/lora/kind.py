@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 from deltaserve.plugins.base_spec import DECODER_LAYERS_PREFIX
 from deltaserve.plugins.kind import AppliedDelta, DeltaKind
 from deltaserve.plugins.kind_checks import dtype_name, required_file, required_tensors, unexpected_fields
-from deltaserve.plugins.lora.adapter_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_RE, adapter_config_problems, peft_key
+from deltaserve.plugins.lora.adapter_config import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    KEY_RE,
+    adapter_config_problems,
+    peft_key,
+)
 from deltaserve.plugins.naming import checkpoint_to_module, module_to_checkpoint
 
 if TYPE_CHECKING:
@@ -35,13 +41,17 @@ def group_factors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str,
     for key, tensor in tensors.items():
         match = KEY_RE.fullmatch(key)
         if match is None:
-            problems.append(f"unexpected tensor `{key}` in `{ADAPTER_WEIGHTS}` (only `base_model.model.<module>.lora_A/B.weight`)")
+            problems.append(
+                f"unexpected tensor `{key}` in `{ADAPTER_WEIGHTS}` (only `base_model.model.<module>.lora_A/B.weight`)"
+            )
             continue
         grouped.setdefault(module_to_checkpoint(match["module"]), {})[match["part"]] = tensor
     return grouped, problems
 
 
-def _factor_problems(module: str, factors: dict[str, torch.Tensor], r: object, shapes: dict[str, tuple[int, int]] | None) -> list[str]:
+def _factor_problems(
+    module: str, factors: dict[str, torch.Tensor], r: object, shapes: dict[str, tuple[int, int]] | None
+) -> list[str]:
     """Problems of one module's factors; ``shapes`` is the base's ``module_shapes()`` (None: no base)."""
     if set(factors) != {"A", "B"}:
         missing = ({"A", "B"} - set(factors)).pop()
@@ -60,9 +70,13 @@ def _factor_problems(module: str, factors: dict[str, torch.Tensor], r: object, s
     if shapes is not None and module not in shapes:
         problems.append(f"LoRA target `{module}` is not a linear module of the base")
     elif shapes is not None and (b.shape[0], a.shape[1]) != shapes[module]:
-        problems.append(f"LoRA of `{module}` maps {a.shape[1]} → {b.shape[0]}, the base module maps {shapes[module][1]} → {shapes[module][0]}")
+        problems.append(
+            f"LoRA of `{module}` maps {a.shape[1]} → {b.shape[0]}, the base module maps {shapes[module][1]} → {shapes[module][0]}"
+        )
     if not (a.is_floating_point() and b.dtype == a.dtype):
-        problems.append(f"LoRA factors of `{module}` must share one floating dtype, got {dtype_name(a)} and {dtype_name(b)}")
+        problems.append(
+            f"LoRA factors of `{module}` must share one floating dtype, got {dtype_name(a)} and {dtype_name(b)}"
+        )
     return problems
 
 
@@ -91,7 +105,9 @@ class LoraKind(DeltaKind):
         problems += unexpected_fields(config, ("r", "lora_alpha", "modules"), "config")
         for field in ("r", "lora_alpha"):
             if config.get(field) != adapter_config.get(field):
-                problems.append(f"`config.{field}` is {config.get(field)!r}, `{ADAPTER_CONFIG}` says {adapter_config.get(field)!r}")
+                problems.append(
+                    f"`config.{field}` is {config.get(field)!r}, `{ADAPTER_CONFIG}` says {adapter_config.get(field)!r}"
+                )
         if config.get("modules") != sorted(grouped):
             problems.append(f"`config.modules` must list the LoRA targets of `{ADAPTER_WEIGHTS}`, sorted")
         return problems
@@ -121,7 +137,9 @@ class LoraKind(DeltaKind):
         missing = [k for k in result.missing_keys if f".{ADAPTER_NAME}." in k]
         if result.unexpected_keys or missing:
             tuner.unload()
-            raise RuntimeError(f"PEFT did not load the adapter exactly: missing {missing}, unexpected {result.unexpected_keys}")
+            raise RuntimeError(
+                f"PEFT did not load the adapter exactly: missing {missing}, unexpected {result.unexpected_keys}"
+            )
 
         def undo() -> None:
             tuner.unload()  # puts the original nn.Linear objects back (their tensors were never written)

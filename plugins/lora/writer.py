@@ -33,10 +33,16 @@ def _manifest_config(adapter_config: dict, keys: Iterable[str]) -> dict:
     return {"r": adapter_config.get("r"), "lora_alpha": adapter_config.get("lora_alpha"), "modules": modules}
 
 
-def _write(out_dir, adapter_config: dict, files: dict, keys: Iterable[str], method: MethodInfo | None, **common) -> Path:
+def _write(
+    out_dir, adapter_config: dict, files: dict, keys: Iterable[str], method: MethodInfo | None, **common
+) -> Path:
     """Shared tail of both writers: manifest config from the keys, default method, write + validate."""
-    method = method or MethodInfo("lora", {k: adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules")})
-    return write_bundle(out_dir, kind="lora", config=_manifest_config(adapter_config, keys), files=files, method=method, **common)
+    method = method or MethodInfo(
+        "lora", {k: adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules")}
+    )
+    return write_bundle(
+        out_dir, kind="lora", config=_manifest_config(adapter_config, keys), files=files, method=method, **common
+    )
 
 
 def write_lora_bundle(
@@ -62,7 +68,9 @@ def write_lora_bundle(
         ADAPTER_WEIGHTS: dict(tensors),
         **(extra_files or {}),
     }
-    return _write(out_dir, adapter_config, files, tensors.keys(), method, name=name, base=base, task=task, overwrite=overwrite)
+    return _write(
+        out_dir, adapter_config, files, tensors.keys(), method, name=name, base=base, task=task, overwrite=overwrite
+    )
 
 
 def import_peft_adapter(
@@ -103,6 +111,10 @@ def import_peft_adapter(
         raise BundleError(src, [f"not a readable PEFT adapter: {exc}"]) from None
     if not isinstance(adapter_config, dict):
         raise BundleError(src, [f"`{ADAPTER_CONFIG}` must be a JSON object"])
-    task = TaskInfo(description=description, examples=[e if isinstance(e, Example) else Example(text=e) for e in examples])
+    task = TaskInfo(
+        description=description, examples=[e if isinstance(e, Example) else Example(text=e) for e in examples]
+    )
     files = {ADAPTER_CONFIG: config_bytes, ADAPTER_WEIGHTS: (src / ADAPTER_WEIGHTS).read_bytes(), **(extra_files or {})}
-    return _write(out_dir, adapter_config, files, header.keys(), None, name=name, base=base, task=task, overwrite=overwrite)
+    return _write(
+        out_dir, adapter_config, files, header.keys(), None, name=name, base=base, task=task, overwrite=overwrite
+    )

@@ -13,7 +13,14 @@ import math
 from typing import TYPE_CHECKING
 
 from deltaserve.plugins.kind import AppliedDelta, DeltaKind
-from deltaserve.plugins.kind_checks import dtype_name, is_int, is_number, required_tensors, tensor_set_problems, unexpected_fields
+from deltaserve.plugins.kind_checks import (
+    dtype_name,
+    is_int,
+    is_number,
+    required_tensors,
+    tensor_set_problems,
+    unexpected_fields,
+)
 from deltaserve.plugins.naming import checkpoint_to_module
 
 if TYPE_CHECKING:
@@ -36,7 +43,7 @@ def _config_problems(config: dict) -> tuple[dict[str, tuple[tuple[int, ...], int
         shape = entry.get("shape") if isinstance(entry, dict) else None
         nnz = entry.get("nnz") if isinstance(entry, dict) else None
         if not (isinstance(shape, list) and all(is_int(d) for d in shape) and is_int(nnz)):
-            problems.append(f"`config.params.{name}` must be {{\"shape\": [int, ...], \"nnz\": int}}")
+            problems.append(f'`config.params.{name}` must be {{"shape": [int, ...], "nnz": int}}')
             continue
         parsed[name] = (tuple(shape), nnz)
     density = config.get("density")
@@ -85,15 +92,21 @@ class SparseKind(DeltaKind):
                 if name not in base.params:
                     problems.append(f"parameter `{name}` does not exist in the base")
                 elif base.params[name][0] != shape:
-                    problems.append(f"`config.params.{name}.shape` is {list(shape)}, the base parameter is {list(base.params[name][0])}")
+                    problems.append(
+                        f"`config.params.{name}.shape` is {list(shape)}, the base parameter is {list(base.params[name][0])}"
+                    )
             indices, values = tensors.get(f"{name}.indices"), tensors.get(f"{name}.values")
             if indices is None or values is None:
                 continue
             if indices.dtype != torch.int64 or indices.dim() != 1:
-                problems.append(f"`{name}.indices` must be a 1-D int64 tensor, got {dtype_name(indices)} {list(indices.shape)}")
+                problems.append(
+                    f"`{name}.indices` must be a 1-D int64 tensor, got {dtype_name(indices)} {list(indices.shape)}"
+                )
                 continue
             if values.dim() != 1 or values.numel() != indices.numel():
-                problems.append(f"`{name}.values` must be 1-D with as many entries as `{name}.indices` ({indices.numel()})")
+                problems.append(
+                    f"`{name}.values` must be 1-D with as many entries as `{name}.indices` ({indices.numel()})"
+                )
             if indices.numel() != nnz:
                 problems.append(f"`config.params.{name}.nnz` is {nnz}, `{name}.indices` has {indices.numel()} entries")
             base_dtype = base.param_dtype(name) if base is not None else None

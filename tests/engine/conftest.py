@@ -14,4 +14,3 @@ async def engine(tiny_base):
     eng = await Engine.start(EngineConfig(model=str(tiny_base), max_loras=2, kv_cache_memory_bytes=128 * 1024 * 1024))
     yield eng
     eng.shutdown()
-

@@ -13,7 +13,10 @@ async def test_base_greedy_matches_transformers(engine, hf_model, hf_processor, 
     ref = [hf_greedy(hf_model, hf_processor, p, img) for p, img in zip(prompts, sample_images)]
     # A model that says the same thing to everything would make the comparison vacuous.
     assert len({tuple(r) for r in ref}) == len(ref), f"reference outputs are not all different: {ref}"
-    got = [await vllm_greedy(engine, p, img, request_id=f"base-{i}") for i, (p, img) in enumerate(zip(prompts, sample_images))]
+    got = [
+        await vllm_greedy(engine, p, img, request_id=f"base-{i}")
+        for i, (p, img) in enumerate(zip(prompts, sample_images))
+    ]
     assert got == ref
 
 
@@ -46,7 +49,10 @@ async def test_lora_bundle_through_vllm_matches_peft(engine, tiny_base, hf_proce
 
     lora = LoRARequest("lora-test", 1, str(lora_bundle))
     await engine.add_lora(lora)
-    got = [await vllm_greedy(engine, p, img, lora=lora, request_id=f"lora-{i}") for i, (p, img) in enumerate(zip(prompts, sample_images))]
+    got = [
+        await vllm_greedy(engine, p, img, lora=lora, request_id=f"lora-{i}")
+        for i, (p, img) in enumerate(zip(prompts, sample_images))
+    ]
     assert got == ref
     # The same engine still serves the untouched base next to the adapter.
     assert await vllm_greedy(engine, prompts[0], sample_images[0], request_id="base-again") == base_out[0]

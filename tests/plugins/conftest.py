@@ -36,11 +36,16 @@ def build_sparse(out: Path, base) -> Path:
     gen = torch.Generator().manual_seed(1)
     deltas = {}
     for layer in (2, 3):
-        for param in (f"language_model.model.layers.{layer}.self_attn.o_proj.weight", f"language_model.model.layers.{layer}.mlp.down_proj.weight"):
+        for param in (
+            f"language_model.model.layers.{layer}.self_attn.o_proj.weight",
+            f"language_model.model.layers.{layer}.mlp.down_proj.weight",
+        ):
             numel = torch.Size(base.params[param][0]).numel()
             indices = torch.randperm(numel, generator=gen)[: numel // 10].sort().values  # 10% density, ascending
             deltas[param] = (indices, torch.randn(indices.numel(), generator=gen) * 0.6)
-    task = TaskInfo("colour questions", [Example("What colour is the circle?", "examples/circle.png")], {"accuracy": 0.5})
+    task = TaskInfo(
+        "colour questions", [Example("What colour is the circle?", "examples/circle.png")], {"accuracy": 0.5}
+    )
     return write_sparse_bundle(
         out, name="colours", base=base, deltas=deltas, task=task, method=MethodInfo("spider", {"lr": 1e-3}),
         trainable_numel=4 * 128 * 384, extra_files={"examples/circle.png": _png(7), "README.md": b"# colours\n"},
@@ -60,7 +65,14 @@ def build_bottleneck(out: Path, base) -> Path:
 
 
 def lora_adapter_config(**overrides) -> dict:
-    return {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": r".*language_model.*\.(q_proj|v_proj)", "bias": "none", **overrides}
+    return {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": r".*language_model.*\.(q_proj|v_proj)",
+        "bias": "none",
+        **overrides,
+    }
 
 
 def build_lora(out: Path, base) -> Path:

@@ -15,7 +15,12 @@ from safetensors.torch import load_file, save_file
 from deltaserve.plugins.bundle import Limits, read_bundle
 from deltaserve.plugins.errors import BundleError, DeltaServeError
 
-SPARSE_FILE, BN_FILE, LORA_FILE, LORA_CONFIG = "delta.safetensors", "adapter.safetensors", "adapter_model.safetensors", "adapter_config.json"
+SPARSE_FILE, BN_FILE, LORA_FILE, LORA_CONFIG = (
+    "delta.safetensors",
+    "adapter.safetensors",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+)
 P = "language_model.model.layers.3.mlp.down_proj.weight"  # a parameter the sparse bundle touches
 BN_MODULE = "language_model.model.layers.0.mlp.down_proj"
 
@@ -176,7 +181,13 @@ def test_all_problems_are_reported_at_once(bundle_copy, base_spec):
     with pytest.raises(BundleError) as info:
         read_bundle(bundle, base=base_spec)
     message = str(info.value)
-    for expected in ("base fingerprint mismatch", "not a valid task name", "pickle-type file `weights.pt`", "unexpected tensor `smuggled`", "sha256 mismatch for `README.md`"):
+    for expected in (
+        "base fingerprint mismatch",
+        "not a valid task name",
+        "pickle-type file `weights.pt`",
+        "unexpected tensor `smuggled`",
+        "sha256 mismatch for `README.md`",
+    ):
         assert expected in message
     assert len(info.value.problems) == 5, info.value.problems
 

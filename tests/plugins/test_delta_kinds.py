@@ -16,7 +16,14 @@ def snapshot(model) -> tuple[dict[str, torch.Tensor], list]:
     """Every parameter (cloned) and the module tree: names, the module objects themselves, hooks, requires_grad."""
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     tree = [
-        (name, id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(p.requires_grad for p in m.parameters(recurse=False)))
+        (
+            name,
+            id(m),
+            type(m),
+            tuple(m._forward_hooks),
+            tuple(m._forward_pre_hooks),
+            tuple(p.requires_grad for p in m.parameters(recurse=False)),
+        )
         for name, m in model.named_modules()
     ]
     return params, tree

@@ -55,7 +55,11 @@ def test_builtins_come_through_entry_points():
     assert declared["sparse"] == "deltaserve.plugins.sparse:SparseKind"
     kinds = registry.reload()
     assert {"lora", "sparse", "bottleneck"} <= set(kinds)
-    assert (kinds["lora"].binding, kinds["sparse"].binding, kinds["bottleneck"].binding) == ("concurrent", "exclusive", "exclusive")
+    assert (kinds["lora"].binding, kinds["sparse"].binding, kinds["bottleneck"].binding) == (
+        "concurrent",
+        "exclusive",
+        "exclusive",
+    )
 
 
 def test_third_party_kind_installs_through_an_entry_point(tmp_path, monkeypatch, base_spec):
@@ -69,7 +73,15 @@ def test_third_party_kind_installs_through_an_entry_point(tmp_path, monkeypatch,
         [deltaserve.plugins]
         echo = echokind:EchoKind
     """))  # fmt: skip
-    out = write_bundle(tmp_path / "b", name="greet", kind="echo", base=base_spec, config={"greeting": "hello"}, files={"notes.md": b"hi\n"}, validate=False)
+    out = write_bundle(
+        tmp_path / "b",
+        name="greet",
+        kind="echo",
+        base=base_spec,
+        config={"greeting": "hello"},
+        files={"notes.md": b"hi\n"},
+        validate=False,
+    )
     with pytest.raises(BundleError, match="unknown kind `echo`"):
         read_bundle(out, base=base_spec)
 
@@ -77,7 +89,9 @@ def test_third_party_kind_installs_through_an_entry_point(tmp_path, monkeypatch,
     assert "echo" in registry.reload()
     bundle = read_bundle(out, base=base_spec)
     assert type(bundle.kind).__module__ == "echokind"
-    bad = write_bundle(tmp_path / "bad", name="greet", kind="echo", base=base_spec, config={"greeting": "hi"}, files={}, validate=False)
+    bad = write_bundle(
+        tmp_path / "bad", name="greet", kind="echo", base=base_spec, config={"greeting": "hi"}, files={}, validate=False
+    )
     with pytest.raises(BundleError, match='`config.greeting` must be "hello"'):
         read_bundle(bad, base=base_spec)
 

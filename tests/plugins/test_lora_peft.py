@@ -33,7 +33,14 @@ def peft_dir(tiny_base, tmp_path_factory):
 
 
 def test_import_validates_and_matches_peft(peft_dir, tmp_path, tiny_base, base_spec, prompt_inputs):
-    bundle_dir = import_peft_adapter(peft_dir, tmp_path / "imported", name="imported", base=base_spec, description="from PEFT", examples=["Count the shapes."])
+    bundle_dir = import_peft_adapter(
+        peft_dir,
+        tmp_path / "imported",
+        name="imported",
+        base=base_spec,
+        description="from PEFT",
+        examples=["Count the shapes."],
+    )
     bundle = read_bundle(bundle_dir, base=base_spec)
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # copied byte for byte
         assert (bundle_dir / name).read_bytes() == (peft_dir / name).read_bytes()
@@ -68,7 +75,9 @@ def test_import_refuses_pickled_adapters(peft_dir, tmp_path, base_spec):
 def test_import_rejects_vision_targets(tiny_base, tmp_path, base_spec):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)  # matches the vision tower too
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False
+    )  # matches the vision tower too
     get_peft_model(load_model(tiny_base), config).save_pretrained(str(tmp_path / "src"))
     assert json.loads((tmp_path / "src" / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
     with pytest.raises(BundleError, match="is outside the language model's decoder layers") as info:
@@ -82,7 +91,9 @@ def test_write_from_a_live_peft_model(tiny_base, tmp_path, base_spec):
 
     from deltaserve.plugins.lora import write_lora_bundle
 
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["model.language_model.layers.3.mlp.down_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["model.language_model.layers.3.mlp.down_proj"], init_lora_weights=False
+    )
     peft_model = get_peft_model(load_model(tiny_base), config)
     out = write_lora_bundle(
         tmp_path / "live", name="live", base=base_spec,
@@ -90,4 +101,6 @@ def test_write_from_a_live_peft_model(tiny_base, tmp_path, base_spec):
     )  # fmt: skip
     bundle = read_bundle(out, base=base_spec)
     assert bundle.manifest.config["modules"] == ["language_model.model.layers.3.mlp.down_proj"]
-    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["model.language_model.layers.3.mlp.down_proj"]
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == [
+        "model.language_model.layers.3.mlp.down_proj"
+    ]

@@ -41,7 +41,10 @@ def _http(url: str, data: bytes, token: str | None = ADMIN_TOKEN) -> tuple[int, 
 
 
 def _still_serves(server) -> None:
-    status, body = _http(f"{server.http}/v1/completions", json.dumps({"model": server.base_name, "prompt": "Hi", "max_tokens": 2}).encode())
+    status, body = _http(
+        f"{server.http}/v1/completions",
+        json.dumps({"model": server.base_name, "prompt": "Hi", "max_tokens": 2}).encode(),
+    )
     assert status == 200, body
 
 
@@ -89,10 +92,17 @@ def test_http_upload_with_an_empty_name_is_refused(server):
     ids=["seed beyond 64 bits", "lone surrogate in the prompt", "lone surrogate in a stop string"],
 )
 def test_out_of_range_and_undecodable_fields_are_400(server, body, needle):
-    data = json.dumps({"model": server.base_name, "max_tokens": 2, **body}).encode()  # ensure_ascii: "\ud800" stays an escape
+    data = json.dumps(
+        {"model": server.base_name, "max_tokens": 2, **body}
+    ).encode()  # ensure_ascii: "\ud800" stays an escape
     status, payload = _http(f"{server.http}/v1/completions", data, token=None)
     assert status == 400 and needle in payload["error"]["message"], payload
-    chat = {"model": server.base_name, "max_tokens": 2, "messages": [{"role": "user", "content": body["prompt"]}], **{k: v for k, v in body.items() if k != "prompt"}}
+    chat = {
+        "model": server.base_name,
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": body["prompt"]}],
+        **{k: v for k, v in body.items() if k != "prompt"},
+    }
     status, payload = _http(f"{server.http}/v1/chat/completions", json.dumps(chat).encode(), token=None)
     assert status == 400 and needle in payload["error"]["message"], payload
     _still_serves(server)
@@ -105,7 +115,9 @@ def test_path_registration_of_a_directory_with_a_symlink_is_refused(server, tiny
     (bundle / "notes.md").symlink_to("/etc/hostname")
     before = _staging(server)
     status, payload = _http(f"{server.http}/v1/deltas", json.dumps({"path": str(bundle)}).encode())
-    assert status == 400 and "`notes.md`" in payload["error"]["message"] and "symlink" in payload["error"]["message"], payload
+    assert status == 400 and "`notes.md`" in payload["error"]["message"] and "symlink" in payload["error"]["message"], (
+        payload
+    )
     assert _staging(server) == before
     with urllib.request.urlopen(f"{server.http}/v1/deltas", timeout=60) as resp:
         assert "linked" not in [d["name"] for d in json.loads(resp.read())["deltas"]]
@@ -113,7 +125,11 @@ def test_path_registration_of_a_directory_with_a_symlink_is_refused(server, tiny
 
 @pytest.mark.parametrize(
     "data, path",
-    [(b'{"model": "x", "prompt": "\xff\xfe"}', "/v1/completions"), (b"[" * 100_000 + b"]" * 100_000, "/v1/chat/completions"), (b"{}", "/v1/no-such-endpoint")],
+    [
+        (b'{"model": "x", "prompt": "\xff\xfe"}', "/v1/completions"),
+        (b"[" * 100_000 + b"]" * 100_000, "/v1/chat/completions"),
+        (b"{}", "/v1/no-such-endpoint"),
+    ],
     ids=["invalid UTF-8 body", "100000-deep JSON", "unknown path"],
 )
 def test_malformed_bodies_get_the_openai_error_shape(server, data, path):
@@ -128,7 +144,9 @@ def test_non_utf8_bytes_in_a_grpc_string_field_are_invalid_argument(server):
     # GenerateRequest.prompt (field 1, length-delimited) holding bytes that are not UTF-8.
     raw = b"\x0a\x03\xff\xfe\xfd" + pb.GenerateRequest(task=server.base_name).SerializeToString()
     with grpc.insecure_channel(server.grpc) as channel:
-        call = channel.unary_unary("/deltaserve.v1.Inference/Generate", request_serializer=None, response_deserializer=None)
+        call = channel.unary_unary(
+            "/deltaserve.v1.Inference/Generate", request_serializer=None, response_deserializer=None
+        )
         with pytest.raises(grpc.RpcError) as err:
             call(raw, timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "protobuf" in err.value.details()
@@ -138,7 +156,9 @@ def test_non_utf8_bytes_in_a_grpc_string_field_are_invalid_argument(server):
 def _vllm_generated_tokens(server) -> float:
     with urllib.request.urlopen(f"{server.http}/metrics", timeout=60) as resp:
         text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:generation_tokens_total"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:generation_tokens_total")
+    )
 
 
 STREAMS, LONG_ANSWER = 10, 400
@@ -157,7 +177,14 @@ def _abandon(server, *, stream: bool) -> None:
     conns = []
     for i in range(STREAMS):
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-        body = {"model": server.base_name, "prompt": f"Tell me a long story number {i}.", "max_tokens": LONG_ANSWER, "ignore_eos": True, "stream": stream, "temperature": 0}
+        body = {
+            "model": server.base_name,
+            "prompt": f"Tell me a long story number {i}.",
+            "max_tokens": LONG_ANSWER,
+            "ignore_eos": True,
+            "stream": stream,
+            "temperature": 0,
+        }
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         conns.append(conn)
     if stream:
@@ -212,7 +239,11 @@ def test_a_dead_engine_is_unhealthy_on_both_front_ends(tiny_base, tmp_path):
 
     srv = ServerProcess(tiny_base, tmp_path / "store")
     try:
-        engines = [p for p in psutil.Process(srv.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        engines = [
+            p
+            for p in psutil.Process(srv.pid).children(recursive=True)
+            if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+        ]
         assert engines, [(p.pid, p.name(), p.cmdline()) for p in psutil.Process(srv.pid).children(recursive=True)]
         for p in engines:
             os.kill(p.pid, signal.SIGKILL)
@@ -236,13 +267,24 @@ def test_a_dead_engine_is_unhealthy_on_both_front_ends(tiny_base, tmp_path):
 
 def test_http_request_id_from_body_or_header_is_echoed_and_validated(server):
     body = {"model": server.base_name, "prompt": "Hi", "max_tokens": 2}
-    req = urllib.request.Request(f"{server.http}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json", "X-Request-Id": "trace-42"})
+    req = urllib.request.Request(
+        f"{server.http}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-Request-Id": "trace-42"},
+    )
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert resp.headers["x-request-id"] == "trace-42" and json.loads(resp.read())["id"] == "cmpl-trace-42"
-    chat = {"model": server.base_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "request_id": "mine.1"}
+    chat = {
+        "model": server.base_name,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "request_id": "mine.1",
+    }
     status, payload = _http(f"{server.http}/v1/chat/completions", json.dumps(chat).encode(), token=None)
     assert status == 200 and payload["id"] == "chatcmpl-mine.1", payload
-    status, payload = _http(f"{server.http}/v1/completions", json.dumps({**body, "request_id": "bad id/with slash"}).encode(), token=None)
+    status, payload = _http(
+        f"{server.http}/v1/completions", json.dumps({**body, "request_id": "bad id/with slash"}).encode(), token=None
+    )
     assert status == 400 and "request_id" in payload["error"]["message"], payload
 
 
@@ -256,9 +298,17 @@ def test_grpc_multi_turn_chat_equals_http_chat(server):
         {"role": "user", "content": "And three plus three?"},
     ]
     with DeltaClient(server.grpc) as client:
-        out = client.generate("", messages=messages, task=server.base_name, max_tokens=6, temperature=0, request_id="grpc-chat-1")
+        out = client.generate(
+            "", messages=messages, task=server.base_name, max_tokens=6, temperature=0, request_id="grpc-chat-1"
+        )
     assert out.request_id == "grpc-chat-1"
-    body = {"model": server.base_name, "messages": messages, "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    body = {
+        "model": server.base_name,
+        "messages": messages,
+        "max_tokens": 6,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
     status, payload = _http(f"{server.http}/v1/chat/completions", json.dumps(body).encode(), token=None)
     assert status == 200 and payload["usage"]["prompt_tokens"] == out.prompt_tokens, (payload, out)
     assert payload["choices"][0]["message"]["content"] == out.text

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import threading
 import time
 import urllib.request
@@ -31,14 +33,20 @@ from server_process import ADMIN_TOKEN
 
 MAX_TOKENS = 8
 SPARSE, BOTTLENECK, LORA_A, LORA_B = "ex-sparse", "ex-bottleneck", "ex-lora-a", "ex-lora-b"
-PIRATE = ["Translate to pirate speak: hello there", "Translate to pirate speak: where is the ship", "Translate to pirate speak: good day"]
+PIRATE = [
+    "Translate to pirate speak: hello there",
+    "Translate to pirate speak: where is the ship",
+    "Translate to pirate speak: good day",
+]
 
 
 @pytest.fixture(scope="module")
 def bundles(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("exclusive")
     return {
-        SPARSE: make_sparse_bundle(tiny_base, root / "sparse", SPARSE, seed=11, description="pirate translation", examples=PIRATE),
+        SPARSE: make_sparse_bundle(
+            tiny_base, root / "sparse", SPARSE, seed=11, description="pirate translation", examples=PIRATE
+        ),
         BOTTLENECK: make_bottleneck_bundle(tiny_base, root / "bottleneck", BOTTLENECK, seed=12),
         LORA_A: make_lora_bundle(tiny_base, root / "lora-a", name=LORA_A, seed=13),
         LORA_B: make_lora_bundle(tiny_base, root / "lora-b", name=LORA_B, seed=14),
@@ -56,11 +64,15 @@ def refs(tiny_base, hf_processor, sample_images, bundles):
     for name, bundle in bundles.items():
         models[name] = peft_model(tiny_base, bundle) if name.startswith("ex-lora") else plugin_model(tiny_base, bundle)
     out = {
-        name: [hf_greedy(model, hf_processor, image_prompt(q), sample_images[i], MAX_TOKENS) for i, q in enumerate(PROMPTS)]
+        name: [
+            hf_greedy(model, hf_processor, image_prompt(q), sample_images[i], MAX_TOKENS) for i, q in enumerate(PROMPTS)
+        ]
         for name, model in models.items()
     }
     for name, outputs in out.items():  # non-degenerate: a delta that changes nothing proves nothing
-        assert len({tuple(o) for o in outputs}) == len(outputs), f"{name} says the same thing to every prompt: {outputs}"
+        assert len({tuple(o) for o in outputs}) == len(outputs), (
+            f"{name} says the same thing to every prompt: {outputs}"
+        )
         if name != "base":
             assert outputs != out["base"], f"{name} gives the base's outputs"
     return out
@@ -95,7 +107,13 @@ def test_sparse_and_bottleneck_match_plugin_reference(registered, refs, sample_i
     with DeltaClient(registered.grpc) as client:
         for task in (SPARSE, BOTTLENECK, "base"):
             for i, q in enumerate(PROMPTS):
-                out = client.generate(image_prompt(q), image=png_bytes(sample_images[i]), task=_expert(registered, task), max_tokens=MAX_TOKENS, temperature=0)
+                out = client.generate(
+                    image_prompt(q),
+                    image=png_bytes(sample_images[i]),
+                    task=_expert(registered, task),
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                )
                 assert out.token_ids == refs[task][i], f"{task}, prompt {i}"
                 assert out.routing.expert == _expert(registered, task)
 
@@ -116,7 +134,13 @@ def test_alternating_switches_restore_the_base_exactly(registered, refs, sample_
     assert verified["tensors"] >= 70  # every tensor vLLM holds was read back, not a sample
     with DeltaClient(registered.grpc) as client:
         for i, q in enumerate(PROMPTS):
-            out = client.generate(image_prompt(q), image=png_bytes(sample_images[i]), task=registered.base_name, max_tokens=MAX_TOKENS, temperature=0)
+            out = client.generate(
+                image_prompt(q),
+                image=png_bytes(sample_images[i]),
+                task=registered.base_name,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+            )
             assert out.token_ids == refs["base"][i]
 
 
@@ -128,6 +152,32 @@ def test_verify_needs_the_admin_token(registered):
     assert exc.value.code == 401
 
 
+def test_verify_reports_a_weight_that_differs(registered, tiny_base, tmp_path):
+    """Negative control of the check above: verify compares what the engine computes with against
+    the checkpoint files, so with one checkpoint tensor changed on disk after the engine loaded it,
+    exactly that tensor must be reported. (The shared base is put back before anything else runs;
+    the change is a new file, so nothing already mapped from the old one sees it.)"""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = tiny_base / "model.safetensors"
+    original, changed = tmp_path / "original.safetensors", tmp_path / "changed.safetensors"
+    shutil.copy2(checkpoint, original)
+    tensors = load_file(checkpoint)
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata()
+    name = next(n for n in sorted(tensors) if n.endswith("layers.0.self_attn.q_proj.weight"))  # fused in vLLM
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(changed), metadata=metadata)
+    try:
+        os.replace(changed, checkpoint)
+        verified = _http_json(registered, "/v1/engine/verify", "POST", ADMIN_TOKEN)
+    finally:
+        os.replace(original, checkpoint)
+    assert not verified["match"] and verified["mismatched"] == [name], verified
+    assert _http_json(registered, "/v1/engine/verify", "POST", ADMIN_TOKEN)["match"]
+
+
 async def _mixed_load(server, jobs, sample_images):
     from deltaserve.client.aio import AsyncDeltaClient
 
@@ -136,7 +186,13 @@ async def _mixed_load(server, jobs, sample_images):
 
         async def one(task: str, i: int):
             try:
-                out = await client.generate(image_prompt(PROMPTS[i]), image=images[i], task=_expert(server, task), max_tokens=MAX_TOKENS, temperature=0)
+                out = await client.generate(
+                    image_prompt(PROMPTS[i]),
+                    image=images[i],
+                    task=_expert(server, task),
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                )
                 return task, i, out.token_ids
             except Exception as exc:  # every failure counts against the test
                 return task, i, exc
@@ -152,9 +208,13 @@ def test_mixed_concurrent_load(registered, refs, sample_images):
     results, mixed_s = asyncio.run(_mixed_load(registered, jobs, sample_images))
     failures = [(t, i, got) for t, i, got in results if got != refs[t][i]]
     assert not failures, f"{len(failures)} of 300 requests failed or differ, e.g. {failures[:3]}"
-    base_results, base_s = asyncio.run(_mixed_load(registered, [("base", k % len(PROMPTS)) for k in range(300)], sample_images))
+    base_results, base_s = asyncio.run(
+        _mixed_load(registered, [("base", k % len(PROMPTS)) for k in range(300)], sample_images)
+    )
     assert all(got == refs["base"][i] for _, i, got in base_results)
-    print(f"\n300 mixed requests: {mixed_s:.1f} s; 300 base-only: {base_s:.1f} s; mixed/base throughput {base_s / mixed_s:.2f}")
+    print(
+        f"\n300 mixed requests: {mixed_s:.1f} s; 300 base-only: {base_s:.1f} s; mixed/base throughput {base_s / mixed_s:.2f}"
+    )
 
 
 def test_exclusive_request_is_served_within_the_bound_under_base_traffic(registered, refs, sample_images):
@@ -170,7 +230,13 @@ def test_exclusive_request_is_served_within_the_bound_under_base_traffic(registe
         with DeltaClient(registered.grpc) as client:
             while not stop.is_set():
                 try:
-                    out = client.generate(image_prompt(PROMPTS[i]), image=png_bytes(sample_images[i]), task=registered.base_name, max_tokens=16, temperature=0)
+                    out = client.generate(
+                        image_prompt(PROMPTS[i]),
+                        image=png_bytes(sample_images[i]),
+                        task=registered.base_name,
+                        max_tokens=16,
+                        temperature=0,
+                    )
                     assert out.token_ids[:MAX_TOKENS] == refs["base"][i]
                     base_done.append(time.monotonic())
                 except Exception as exc:
@@ -184,7 +250,13 @@ def test_exclusive_request_is_served_within_the_bound_under_base_traffic(registe
         assert base_done, "base traffic did not start"
         with DeltaClient(registered.grpc) as client:
             started = time.monotonic()
-            out = client.generate(image_prompt(PROMPTS[1]), image=png_bytes(sample_images[1]), task=SPARSE, max_tokens=MAX_TOKENS, temperature=0)
+            out = client.generate(
+                image_prompt(PROMPTS[1]),
+                image=png_bytes(sample_images[1]),
+                task=SPARSE,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+            )
             finished = time.monotonic()
         time.sleep(1.0)
     finally:
@@ -192,8 +264,12 @@ def test_exclusive_request_is_served_within_the_bound_under_base_traffic(registe
         for t in threads:
             t.join(60)
     assert out.token_ids == refs[SPARSE][1]
-    assert finished - started <= bound_s, f"the exclusive request waited {finished - started:.1f} s under base traffic (bound {bound_s} s)"
-    assert any(t > finished for t in base_done), "base traffic stopped before the exclusive request was served: fairness not exercised"
+    assert finished - started <= bound_s, (
+        f"the exclusive request waited {finished - started:.1f} s under base traffic (bound {bound_s} s)"
+    )
+    assert any(t > finished for t in base_done), (
+        "base traffic stopped before the exclusive request was served: fairness not exercised"
+    )
     assert not errors, errors[:3]
 
 
@@ -208,7 +284,13 @@ def test_hot_register_sparse_under_traffic(registered, bundles, refs, sample_ima
         with DeltaClient(registered.grpc) as client:
             while not stop.is_set():
                 try:
-                    out = client.generate(image_prompt(PROMPTS[i]), image=png_bytes(sample_images[i]), task=_expert(registered, task), max_tokens=MAX_TOKENS, temperature=0)
+                    out = client.generate(
+                        image_prompt(PROMPTS[i]),
+                        image=png_bytes(sample_images[i]),
+                        task=_expert(registered, task),
+                        max_tokens=MAX_TOKENS,
+                        temperature=0,
+                    )
                     results.append((task, out.token_ids == refs[task][i], str(out.token_ids)))
                 except Exception as exc:
                     results.append((task, False, repr(exc)))
@@ -222,7 +304,13 @@ def test_hot_register_sparse_under_traffic(registered, bundles, refs, sample_ima
             info = admin.register(bundles["hot-sparse"])
             assert info.kind == "sparse"
             for i, q in enumerate(PROMPTS):
-                out = admin.generate(image_prompt(q), image=png_bytes(sample_images[i]), task="hot-sparse", max_tokens=MAX_TOKENS, temperature=0)
+                out = admin.generate(
+                    image_prompt(q),
+                    image=png_bytes(sample_images[i]),
+                    task="hot-sparse",
+                    max_tokens=MAX_TOKENS,
+                    temperature=0,
+                )
                 assert out.token_ids == refs["hot-sparse"][i]
             admin.unregister("hot-sparse")
             with pytest.raises(DeltaClientError) as exc:
@@ -245,9 +333,13 @@ def test_auto_routing_reports_its_decision(registered, refs):
         routed = client.generate("Translate to pirate speak: where is the treasure", max_tokens=4, temperature=0)
         assert routed.routing.router == "auto" and routed.routing.expert == SPARSE, routed.routing
         assert routed.routing.score > 0 and routed.routing.reason
-        explicit = client.generate("Translate to pirate speak: where is the treasure", task=SPARSE, max_tokens=4, temperature=0)
+        explicit = client.generate(
+            "Translate to pirate speak: where is the treasure", task=SPARSE, max_tokens=4, temperature=0
+        )
         assert routed.token_ids == explicit.token_ids
-        open_world = client.generate("The quick brown fox jumps over the lazy dog", task="auto", max_tokens=4, temperature=0)
+        open_world = client.generate(
+            "The quick brown fox jumps over the lazy dog", task="auto", max_tokens=4, temperature=0
+        )
         assert open_world.routing.expert == registered.base_name, open_world.routing
         assert "open world" in open_world.routing.reason or "below" in open_world.routing.reason
     with urllib.request.urlopen(f"{registered.http}/metrics", timeout=30) as resp:

@@ -63,7 +63,9 @@ def test_hot_swap_under_traffic(server, bundles, refs, sample_images):
         with DeltaClient(server.grpc) as client:
             while not stop.is_set():
                 try:
-                    chunks = list(client.generate_stream(prompt, image=image, task=task, max_tokens=MAX_TOKENS, temperature=0))
+                    chunks = list(
+                        client.generate_stream(prompt, image=image, task=task, max_tokens=MAX_TOKENS, temperature=0)
+                    )
                     got = [t for c in chunks for t in c.token_ids]
                     results.append((task, got == expected, f"{got} != {expected}" if got != expected else ""))
                 except Exception as exc:  # every failure counts against the test
@@ -79,13 +81,19 @@ def test_hot_swap_under_traffic(server, bundles, refs, sample_images):
         time.sleep(1.0)
         info = admin.register(bundles["b1"])
         assert info.name == "swap-b"
-        assert admin.generate(prompt, image=image, task="swap-b", max_tokens=MAX_TOKENS, temperature=0).token_ids == refs["b1"]
+        assert (
+            admin.generate(prompt, image=image, task="swap-b", max_tokens=MAX_TOKENS, temperature=0).token_ids
+            == refs["b1"]
+        )
         loras_with_b1 = set(_engine_loras(server))
 
         info2 = admin.register(bundles["b2"])  # same name, new weights
         assert info2.content_digest != info.content_digest
         for _ in range(3):
-            assert admin.generate(prompt, image=image, task="swap-b", max_tokens=MAX_TOKENS, temperature=0).token_ids == refs["b2"]
+            assert (
+                admin.generate(prompt, image=image, task="swap-b", max_tokens=MAX_TOKENS, temperature=0).token_ids
+                == refs["b2"]
+            )
 
         admin.unregister("swap-b")
         with pytest.raises(DeltaClientError) as err:
@@ -129,16 +137,34 @@ def test_base_rows_stay_base_when_every_lora_slot_is_full(server, tiny_base, hf_
     try:
         for i, name in enumerate(names):
             bundle = make_lora_bundle(tiny_base, tmp_path / name, name=name, seed=300 + i)
-            expected[name] = hf_greedy(peft_model(tiny_base, bundle), hf_processor, prompt, sample_images[1], MAX_TOKENS)
+            expected[name] = hf_greedy(
+                peft_model(tiny_base, bundle), hf_processor, prompt, sample_images[1], MAX_TOKENS
+            )
             admin.register(bundle)
+        # Negative control: a base row served with a slot's adapter must give a different answer,
+        # or the check below could not see the bug it is about.
+        assert all(expected[name] != expected[server.base_name] for name in names), expected
         results: list[tuple[str, list[int]]] = []
 
         def traffic(task: str) -> None:
             with DeltaClient(server.grpc) as client:
                 for _ in range(6):
-                    results.append((task, list(client.generate(prompt, image=image, task=task, max_tokens=MAX_TOKENS, temperature=0).token_ids)))
+                    results.append(
+                        (
+                            task,
+                            list(
+                                client.generate(
+                                    prompt, image=image, task=task, max_tokens=MAX_TOKENS, temperature=0
+                                ).token_ids
+                            ),
+                        )
+                    )
 
-        threads = [threading.Thread(target=traffic, args=(task,)) for task in expected for _ in range(2 if task == server.base_name else 1)]
+        threads = [
+            threading.Thread(target=traffic, args=(task,))
+            for task in expected
+            for _ in range(2 if task == server.base_name else 1)
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -19,7 +19,10 @@ def _outputs(server, tasks, image) -> dict[str, list[int]]:
     from deltaserve.client.sync import DeltaClient
 
     with DeltaClient(server.grpc) as client:
-        return {t: client.generate(image_prompt(QUESTION), image=image, task=t, max_tokens=8, temperature=0).token_ids for t in tasks}
+        return {
+            t: client.generate(image_prompt(QUESTION), image=image, task=t, max_tokens=8, temperature=0).token_ids
+            for t in tasks
+        }
 
 
 def _wait_for(predicate, timeout: float = 60) -> None:
@@ -100,7 +103,9 @@ def test_kill_during_registration_then_restart(tiny_base, tmp_path, sample_image
         def long_stream():
             with DeltaClient(s3.grpc) as client:
                 chunks = []
-                for chunk in client.generate_stream(image_prompt(QUESTION), image=image, task="z", max_tokens=400, temperature=1.0, seed=1):
+                for chunk in client.generate_stream(
+                    image_prompt(QUESTION), image=image, task="z", max_tokens=400, temperature=1.0, seed=1
+                ):
                     chunks.append(chunk)
                     results["last_chunk_at"] = time.monotonic()
                 results["tokens"] = sum(len(c.token_ids) for c in chunks)

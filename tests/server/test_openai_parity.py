@@ -36,7 +36,14 @@ def vllm_server(tiny_base, server, peft_dir, tmp_path_factory):
 
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
     try:
-        srv = VllmOpenAIServer(tiny_base, server.base_name, log_path, kv_cache_bytes=KV_CACHE_BYTES, lora_modules={LORA: peft_dir}, timeout_s=START_TIMEOUT_S)
+        srv = VllmOpenAIServer(
+            tiny_base,
+            server.base_name,
+            log_path,
+            kv_cache_bytes=KV_CACHE_BYTES,
+            lora_modules={LORA: peft_dir},
+            timeout_s=START_TIMEOUT_S,
+        )
     except RuntimeError as exc:
         pytest.fail(str(exc))
     yield srv.url
@@ -47,7 +54,11 @@ def vllm_server(tiny_base, server, peft_dir, tmp_path_factory):
 def clients(server, vllm_server, peft_dir):
     """(vLLM's, deltaserve's) ``openai.OpenAI`` clients; the adapter registered in deltaserve under the same name."""
     with httpx.Client(timeout=120) as http:
-        r = http.post(f"{server.http}/v1/deltas", json={"path": str(peft_dir), "name": LORA}, headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        r = http.post(
+            f"{server.http}/v1/deltas",
+            json={"path": str(peft_dir), "name": LORA},
+            headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
         assert r.status_code in (201, 409), r.text
     ours = openai.OpenAI(base_url=f"{server.http}/v1", api_key="unused", max_retries=0, timeout=120)
     theirs = openai.OpenAI(base_url=f"{vllm_server}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -58,10 +69,16 @@ def clients(server, vllm_server, peft_dir):
 
 def _image_message(sample_images, text: str) -> list[dict]:
     url = "data:image/png;base64," + base64.b64encode(png_bytes(sample_images[0])).decode()
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
+    ]
 
 
-SCHEMA = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}}, "required": ["colour"]}
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
+    "required": ["colour"],
+}
 
 CHAT_CASES = {
     "greedy": dict(temperature=0, max_tokens=12),
@@ -74,7 +91,11 @@ CHAT_CASES = {
     "max-completion-tokens": dict(temperature=0, max_completion_tokens=5),
     "stop": dict(temperature=0, max_tokens=20, stop=["e", "o"]),
     "json-object": dict(temperature=0, max_tokens=30, response_format={"type": "json_object"}),
-    "json-schema": dict(temperature=0, max_tokens=40, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}),
+    "json-schema": dict(
+        temperature=0,
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}},
+    ),
 }
 
 
@@ -130,8 +151,13 @@ def test_completion_parameter_matches_vllm_server(clients, server, case):
     theirs, ours = clients
     kwargs = dict(model=server.base_name, prompt="The colour of the sky is", **COMPLETION_CASES[case])
     a, b = theirs.completions.create(**kwargs), ours.completions.create(**kwargs)
-    assert [(c.index, c.text, c.finish_reason) for c in b.choices] == [(c.index, c.text, c.finish_reason) for c in a.choices]
-    _close([c.logprobs.model_dump() if c.logprobs else None for c in b.choices], [c.logprobs.model_dump() if c.logprobs else None for c in a.choices])
+    assert [(c.index, c.text, c.finish_reason) for c in b.choices] == [
+        (c.index, c.text, c.finish_reason) for c in a.choices
+    ]
+    _close(
+        [c.logprobs.model_dump() if c.logprobs else None for c in b.choices],
+        [c.logprobs.model_dump() if c.logprobs else None for c in a.choices],
+    )
     assert b.usage.model_dump() == a.usage.model_dump()
 
 
@@ -144,15 +170,38 @@ def test_stream_with_usage_matches_vllm_server(clients, server, sample_images, a
     server lists it first among ``top_logprobs``, deltaserve lists the most likely tokens, as
     OpenAI defines them; under greedy decoding the two coincide and are compared above.)"""
     theirs, ours = clients
-    common = dict(model=server.base_name, temperature=1.0, seed=5, n=2, max_tokens=8, stream=True, stream_options={"include_usage": True})
+    common = dict(
+        model=server.base_name,
+        temperature=1.0,
+        seed=5,
+        n=2,
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
 
     def run(client):
         if api == "chat":
-            events = list(client.chat.completions.create(messages=_image_message(sample_images, "Describe the image."), logprobs=True, top_logprobs=0, **common))
-            pieces = [(c.index, c.delta.content or "", c.logprobs.model_dump() if c.logprobs else None, c.finish_reason) for e in events for c in e.choices]
+            events = list(
+                client.chat.completions.create(
+                    messages=_image_message(sample_images, "Describe the image."),
+                    logprobs=True,
+                    top_logprobs=0,
+                    **common,
+                )
+            )
+            pieces = [
+                (c.index, c.delta.content or "", c.logprobs.model_dump() if c.logprobs else None, c.finish_reason)
+                for e in events
+                for c in e.choices
+            ]
         else:
             events = list(client.completions.create(prompt="Once upon a time", logprobs=0, **common))
-            pieces = [(c.index, c.text, c.logprobs.model_dump() if c.logprobs else None, c.finish_reason) for e in events for c in e.choices]
+            pieces = [
+                (c.index, c.text, c.logprobs.model_dump() if c.logprobs else None, c.finish_reason)
+                for e in events
+                for c in e.choices
+            ]
         texts = {i: "".join(p[1] for p in pieces if p[0] == i) for i in (0, 1)}
         logprobs = {i: [p[2] for p in pieces if p[0] == i and p[2]] for i in (0, 1)}
         finishes = {i: [p[3] for p in pieces if p[0] == i and p[3]] for i in (0, 1)}
@@ -184,8 +233,14 @@ def test_chat_prompt_tokens_equal_vllm_server_and_transformers(clients, server, 
     }
     theirs, ours = clients
     for name, messages in chats.items():
-        vllm_ids = httpx.post(f"{vllm_server}/tokenize", json={"model": server.base_name, "messages": messages}, timeout=60).json()["tokens"]
-        reference = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        vllm_ids = httpx.post(
+            f"{vllm_server}/tokenize", json={"model": server.base_name, "messages": messages}, timeout=60
+        ).json()["tokens"]
+        reference = list(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
         assert vllm_ids == reference, name
         b = ours.chat.completions.create(model=server.base_name, messages=messages, max_tokens=1, temperature=0)
         assert b.usage.prompt_tokens == len(reference), name
@@ -205,7 +260,14 @@ def test_chat_prompt_tokens_equal_vllm_server_and_transformers(clients, server, 
         {"response_format": {"type": "xml"}},
         {"min_tokens": 50, "max_tokens": 10},
     ],
-    ids=["n-greedy", "top-logprobs-alone", "too-many-logprobs", "presence-out-of-range", "unknown-format", "min-above-max"],
+    ids=[
+        "n-greedy",
+        "top-logprobs-alone",
+        "too-many-logprobs",
+        "presence-out-of-range",
+        "unknown-format",
+        "min-above-max",
+    ],
 )
 def test_invalid_parameters_are_400_in_both(vllm_server, server, body):
     """What vLLM's server refuses, deltaserve refuses too (400 with a message naming the field)."""
@@ -218,7 +280,15 @@ def test_invalid_parameters_are_400_in_both(vllm_server, server, body):
 
 
 GRPC_CASES = {
-    "penalties-min-p": dict(temperature=0.9, seed=3, min_p=0.1, presence_penalty=1.0, frequency_penalty=0.5, repetition_penalty=1.2, max_tokens=12),
+    "penalties-min-p": dict(
+        temperature=0.9,
+        seed=3,
+        min_p=0.1,
+        presence_penalty=1.0,
+        frequency_penalty=0.5,
+        repetition_penalty=1.2,
+        max_tokens=12,
+    ),
     "min-tokens-logprobs": dict(temperature=0, min_tokens=8, ignore_eos=True, max_tokens=8, logprobs=2),
     "json-schema": dict(temperature=0, max_tokens=40, json_schema=SCHEMA),
 }
@@ -231,7 +301,11 @@ def test_grpc_takes_the_same_parameters_as_http(clients, server, case):
 
     _, ours = clients
     params = dict(GRPC_CASES[case])
-    body = {k: v for k, v in params.items() if k not in ("logprobs", "json_schema", "min_p", "repetition_penalty", "min_tokens", "ignore_eos")}
+    body = {
+        k: v
+        for k, v in params.items()
+        if k not in ("logprobs", "json_schema", "min_p", "repetition_penalty", "min_tokens", "ignore_eos")
+    }
     extra = {k: params[k] for k in ("min_p", "repetition_penalty", "min_tokens", "ignore_eos") if k in params}
     if "logprobs" in params:
         body.update(logprobs=True, top_logprobs=params["logprobs"])
@@ -241,7 +315,11 @@ def test_grpc_takes_the_same_parameters_as_http(clients, server, case):
     http = ours.chat.completions.create(model=server.base_name, messages=messages, extra_body=extra, **body)
     with DeltaClient(server.grpc) as client:
         out = client.generate("", messages=messages, task=server.base_name, **params)
-    assert (out.text, out.finish_reason, out.completion_tokens) == (http.choices[0].message.content, http.choices[0].finish_reason, http.usage.completion_tokens)
+    assert (out.text, out.finish_reason, out.completion_tokens) == (
+        http.choices[0].message.content,
+        http.choices[0].finish_reason,
+        http.usage.completion_tokens,
+    )
     if "logprobs" in params:
         expected = [(t.token, t.logprob) for t in http.choices[0].logprobs.content]
         assert [t for t, _ in out.logprobs] == [t for t, _ in expected]

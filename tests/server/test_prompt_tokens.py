@@ -15,7 +15,15 @@ from deltaserve.server.config import EngineConfig, ServeConfig
 from deltaserve.server.requests import InferenceRequest, prepare
 
 TEXT = [{"role": "user", "content": "What is the opposite of hot?"}]
-IMAGE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "Describe the image."}]}]
+IMAGE = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": "data:,"}},
+            {"type": "text", "text": "Describe the image."},
+        ],
+    }
+]
 MULTI = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "What is two plus two?"},
@@ -40,7 +48,9 @@ def _prepare(tokenizer, tmp_path, **request):
 def test_chat_prompt_ids_equal_transformers_apply_chat_template(tokenizer, tmp_path, messages):
     image = png_bytes(Image.new("RGB", (32, 32), (200, 30, 30))) if messages is IMAGE else None
     ours = _prepare(tokenizer, tmp_path, messages=messages, image=image).prompt_token_ids
-    reference = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    reference = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     assert ours == list(reference)
     assert ours[0] == tokenizer.bos_token_id and ours.count(tokenizer.bos_token_id) == 1
 

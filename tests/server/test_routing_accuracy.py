@@ -97,7 +97,13 @@ def test_no_task_means_base_and_bad_options_are_refused(tiny_base):
     router.update([TaskCard("empty", "lora", "no examples", [])])
     decision = router.route(RouteQuery("Which digit is written here?"))
     assert decision.expert is None and "no task" in decision.reason
-    for bad in ({"treshold": "0.5"}, {"threshold": "2"}, {"embedder": "/nonexistent"}, {"image_gate": "maybe"}, {"C": "x"}):
+    for bad in (
+        {"treshold": "0.5"},
+        {"threshold": "2"},
+        {"embedder": "/nonexistent"},
+        {"image_gate": "maybe"},
+        {"C": "x"},
+    ):
         with pytest.raises(ValueError):
             load_router("auto", bad, base_dir=str(tiny_base))
 
@@ -140,7 +146,11 @@ def test_install_swaps_the_whole_task_set_at_once(tiny_base, cards, open_world):
 
 
 def test_server_package_does_not_import_tuning():
-    offenders = [str(p.relative_to(REPO)) for p in (REPO / "server").rglob("*.py") if re.search(r"^\s*(from|import)\s+deltaserve\.tuning", p.read_text(), re.M)]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "server").rglob("*.py")
+        if re.search(r"^\s*(from|import)\s+deltaserve\.tuning", p.read_text(), re.M)
+    ]
     assert not offenders, f"server/ must not import deltaserve.tuning: {offenders}"
 
 
@@ -148,7 +158,9 @@ def test_two_deltas_of_one_task_route_to_the_better_one(world, cards, open_world
     """The demo registers two digits experts with the same examples: they must not split the task's probability."""
     digits = next(c for c in cards if c.name == "digits")
     twins = [replace(digits, name="digits-a", target=0.4), replace(digits, name="digits-b", target=0.9)]
-    router = E.make_router(tiny_base, [*twins, *(c for c in cards if c.name != "digits")], {"open_world": str(open_world)})
+    router = E.make_router(
+        tiny_base, [*twins, *(c for c in cards if c.name != "digits")], {"open_world": str(open_world)}
+    )
     text, image = digits.examples[0]
     decision = router.route(RouteQuery(text, image))
     assert decision.expert == "digits-b" and "digits-a" in decision.reason, decision

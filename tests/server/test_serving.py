@@ -18,7 +18,9 @@ from server_process import ADMIN_TOKEN
 MAX_TOKENS = 10
 
 
-def http_json(url: str, body: dict | None = None, token: str | None = None, method: str | None = None) -> tuple[int, dict]:
+def http_json(
+    url: str, body: dict | None = None, token: str | None = None, method: str | None = None
+) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": "application/json"}
     if token:
@@ -32,7 +34,9 @@ def http_json(url: str, body: dict | None = None, token: str | None = None, meth
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deltaserve.client.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "deltaserve.client.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +74,14 @@ def test_lora_and_base_through_grpc_match_references(server, lora_task, referenc
     prompts, refs = references
     with DeltaClient(server.grpc) as client:
         for i, (prompt, image) in enumerate(zip(prompts, sample_images)):
-            out = client.generate(prompt, image=png_bytes(image), task=lora_task[0], max_tokens=MAX_TOKENS, temperature=0)
+            out = client.generate(
+                prompt, image=png_bytes(image), task=lora_task[0], max_tokens=MAX_TOKENS, temperature=0
+            )
             assert out.token_ids == refs["lora"][i]
             assert out.routing.expert == "lora-a" and out.routing.router == "explicit"
-            base = client.generate(prompt, image=png_bytes(image), task=server.base_name, max_tokens=MAX_TOKENS, temperature=0)
+            base = client.generate(
+                prompt, image=png_bytes(image), task=server.base_name, max_tokens=MAX_TOKENS, temperature=0
+            )
             assert base.token_ids == refs["base"][i]
             assert base.routing.expert == server.base_name
 
@@ -85,7 +93,14 @@ def test_lora_and_base_through_http_match_references(server, lora_task, referenc
         for model, ref in ((lora_task[0], refs["lora"][i]), (server.base_name, refs["base"][i])):
             status, body = http_json(
                 f"{server.http}/v1/completions",
-                {"model": model, "prompt": prompt, "image": data_url, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True},
+                {
+                    "model": model,
+                    "prompt": prompt,
+                    "image": data_url,
+                    "max_tokens": MAX_TOKENS,
+                    "temperature": 0,
+                    "return_token_ids": True,
+                },
             )
             assert status == 200, body
             assert body["choices"][0]["token_ids"] == ref
@@ -97,7 +112,11 @@ def test_grpc_stream_equals_unary(server, lora_task, references, sample_images):
 
     prompts, refs = references
     with DeltaClient(server.grpc) as client:
-        chunks = list(client.generate_stream(prompts[1], image=png_bytes(sample_images[1]), task="lora-a", max_tokens=MAX_TOKENS, temperature=0))
+        chunks = list(
+            client.generate_stream(
+                prompts[1], image=png_bytes(sample_images[1]), task="lora-a", max_tokens=MAX_TOKENS, temperature=0
+            )
+        )
     assert chunks[0].routing.expert == "lora-a"
     assert [t for c in chunks for t in c.token_ids] == refs["lora"][1]
     assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens == len(refs["lora"][1])
@@ -111,18 +130,27 @@ def test_official_openai_client(server, lora_task, references, sample_images, hf
     models = {m.id for m in client.models.list()}
     assert {server.base_name, "lora-a", "auto"} <= models
 
-    completion = client.completions.create(model=server.base_name, prompt="What is the opposite of big?\nAnswer:", max_tokens=MAX_TOKENS, temperature=0)
+    completion = client.completions.create(
+        model=server.base_name, prompt="What is the opposite of big?\nAnswer:", max_tokens=MAX_TOKENS, temperature=0
+    )
     assert completion.choices[0].text and completion.model == server.base_name
 
     decode = hf_processor.tokenizer.decode
     data_url = "data:image/png;base64," + base64.b64encode(png_bytes(sample_images[0])).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": PROMPTS[0]}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": PROMPTS[0]}],
+        }
+    ]
     chat = client.chat.completions.create(model="lora-a", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
     # The chat template renders exactly the reference prompt, so the text is the reference's.
     assert chat.choices[0].message.content == decode(refs["lora"][0], skip_special_tokens=True)
     assert chat.model == "lora-a"
 
-    stream = client.chat.completions.create(model="lora-a", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="lora-a", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces) == chat.choices[0].message.content
 
@@ -139,7 +167,9 @@ def test_client_built_only_from_reflection_calls_generate(server):
         request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
         call = channel.unary_unary(
-            "/deltaserve.v1.Inference/Generate", request_serializer=request_cls.SerializeToString, response_deserializer=response_cls.FromString
+            "/deltaserve.v1.Inference/Generate",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
         )
         request = request_cls(prompt="What is the opposite of big?\nAnswer:", task=server.base_name)
         request.sampling.max_tokens = 4
@@ -154,7 +184,10 @@ def test_health_checks(server):
     with grpc.insecure_channel(server.grpc) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "deltaserve.v1.Inference", "deltaserve.v1.Registry"):
-            assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
     status, body = http_json(f"{server.http}/health")
     assert status == 200 and body["status"] == "ok"
 
@@ -164,7 +197,11 @@ def _scrape(server) -> dict[tuple[str, tuple], float]:
 
     with urllib.request.urlopen(f"{server.http}/metrics", timeout=30) as resp:
         text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def test_metrics_move_after_requests(server, lora_task):
@@ -190,7 +227,9 @@ def test_cli_list_generate_metrics(server, lora_task):
     listing = cli("list", "--server", server.grpc, "--json")
     assert listing.returncode == 0, listing.stderr
     assert "lora-a" in {d["name"] for d in json.loads(listing.stdout)["deltas"]}
-    gen = cli("generate", "--server", server.grpc, "--task", "lora-a", "--max-tokens", "4", "What colour is the circle?")
+    gen = cli(
+        "generate", "--server", server.grpc, "--task", "lora-a", "--max-tokens", "4", "What colour is the circle?"
+    )
     assert gen.returncode == 0, gen.stderr
     assert "[lora-a via explicit" in gen.stderr and "[finish:" in gen.stderr
     summary = cli("metrics", "--http", server.http)
@@ -253,7 +292,12 @@ def test_bad_generate_requests_are_refused_and_server_keeps_serving(server, case
         assert needle in err.value.message
         assert client.generate("What colour is the circle?", task=server.base_name, max_tokens=2).completion_tokens >= 1
 
-    body = {"model": server.base_name, "prompt": prompt, "max_tokens": request.get("max_tokens"), "temperature": request.get("temperature")}
+    body = {
+        "model": server.base_name,
+        "prompt": prompt,
+        "max_tokens": request.get("max_tokens"),
+        "temperature": request.get("temperature"),
+    }
     if "image" in request:
         body["image"] = base64.b64encode(request["image"]).decode()
     status, payload = http_json(f"{server.http}/v1/completions", {k: v for k, v in body.items() if v is not None})
@@ -271,7 +315,9 @@ def test_unknown_task_is_not_found_and_lists_tasks(server, lora_task):
             client.generate("Hi", task="no-such-task", max_tokens=2)
     assert err.value.code == grpc.StatusCode.NOT_FOUND
     assert "lora-a" in err.value.message and server.base_name in err.value.message
-    status, body = http_json(f"{server.http}/v1/chat/completions", {"model": "no-such-task", "messages": [{"role": "user", "content": "Hi"}]})
+    status, body = http_json(
+        f"{server.http}/v1/chat/completions", {"model": "no-such-task", "messages": [{"role": "user", "content": "Hi"}]}
+    )
     assert status == 404 and "lora-a" in body["error"]["message"]
 
 

@@ -44,7 +44,12 @@ def test_data_check_names_file_and_line(tmp_path):
 
 
 def test_base_pretrain_is_cached_and_writes_out(tmp_path, monkeypatch):
-    tiny = pretrain_module.PretrainConfig(steps=2, batch_size=4, warmup_steps=1, world=pretrain_module.WorldConfig(general_train=4, downstream_train=1, val=1, test=2))
+    tiny = pretrain_module.PretrainConfig(
+        steps=2,
+        batch_size=4,
+        warmup_steps=1,
+        world=pretrain_module.WorldConfig(general_train=4, downstream_train=1, val=1, test=2),
+    )
     monkeypatch.setattr(pretrain_module, "PretrainConfig", lambda seed=0: replace(tiny, seed=seed))
     first = CliRunner().invoke(main, ["base", "pretrain", "--out", str(tmp_path / "a"), "--quiet", "--seed", "5"])
     assert first.exit_code == 0, first.output

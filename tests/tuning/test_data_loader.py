@@ -18,7 +18,13 @@ def _task(tmp_path, lines: list[str], info: dict | None = None):
     (root / "images").mkdir(parents=True)
     Image.new("RGB", (32, 32), (200, 10, 10)).save(root / "images" / "a.png")
     (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    meta = {"name": "toy", "description": "a toy task", "type": "downstream", "metric": "exact_match", "example_prompts": ["Which digit?"]}
+    meta = {
+        "name": "toy",
+        "description": "a toy task",
+        "type": "downstream",
+        "metric": "exact_match",
+        "example_prompts": ["Which digit?"],
+    }
     (root / "task.json").write_text(json.dumps(info if info is not None else meta))
     good = json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "s1", "image": None}) + "\n"
     for split in ("val", "test"):

@@ -59,7 +59,11 @@ def _drive(hooks, param: torch.nn.Parameter, steps: list[tuple[list[float], list
 
 def test_spider_hooks_two_steps_by_hand():
     param = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, -4.0]))
-    w1, w2 = _drive(SpiderHooks([("w", param)]), param, [([4.0, -3.0, 0.5, 1.0], [-0.1, 0.1, -0.2, -0.2]), ([-1.0, 1.0, -3.5, 2.0], [0.1, -0.1, 0.1, -0.1])])
+    w1, w2 = _drive(
+        SpiderHooks([("w", param)]),
+        param,
+        [([4.0, -3.0, 0.5, 1.0], [-0.1, 0.1, -0.2, -0.2]), ([-1.0, 1.0, -3.5, 2.0], [0.1, -0.1, 0.1, -0.1])],
+    )
     assert torch.allclose(w1, torch.tensor(W1), atol=1e-6)
     assert torch.allclose(w2, torch.tensor(W2), atol=1e-6)
     assert w2[1].item() == 2.0 and w2[3].item() == -4.0  # unselected at step 2: exactly w0
@@ -86,7 +90,9 @@ def test_unselected_coordinates_return_to_w0_exactly():
 def test_spider_edge_cases_follow_the_reference():
     assert torch.equal(importance(torch.zeros(3)), torch.zeros(3))  # all zero: no importance
     assert torch.isnan(importance(torch.ones(3))).all()  # constant |x|: no z-score …
-    assert torch.equal(allocation(importance(torch.ones(3)), torch.tensor([1.0, 2.0, 3.0])), torch.zeros(3))  # … selects nothing
+    assert torch.equal(
+        allocation(importance(torch.ones(3)), torch.tensor([1.0, 2.0, 3.0])), torch.zeros(3)
+    )  # … selects nothing
 
 
 def test_magnitude_freezes_the_largest_half():
@@ -105,14 +111,20 @@ def test_magnitude_freezes_the_largest_half():
 def world(tmp_path_factory):
     """A tiny world: the downstream task ``digits`` and two general tasks (for the general score)."""
     root = tmp_path_factory.mktemp("tune-world")
-    build_world(root / "all", WorldConfig(general_train=4, downstream_train=16, val=2, test=4), tasks=("digits", "colour", "arithmetic"))
+    build_world(
+        root / "all",
+        WorldConfig(general_train=4, downstream_train=16, val=2, test=4),
+        tasks=("digits", "colour", "arithmetic"),
+    )
     (root / "general").mkdir()
     for name in ("colour", "arithmetic"):
         shutil.move(str(root / "all" / name), str(root / "general" / name))
     return {"digits": root / "all" / "digits", "general": root / "general"}
 
 
-TINY = TuneConfig(steps=8, batch_size=16, lr=3e-3, examples=5, last_n_layers=1)  # batch = the whole train split: a steady loss
+TINY = TuneConfig(
+    steps=8, batch_size=16, lr=3e-3, examples=5, last_n_layers=1
+)  # batch = the whole train split: a steady loss
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +135,9 @@ def tuned(tiny_base, world, tmp_path_factory):
     def get(method: str):
         if method not in results:
             out = tmp_path_factory.mktemp(f"bundle-{method}") / "bundle"
-            results[method] = tune(tiny_base, world["digits"], method, out, TINY, general_dir=world["general"], progress=False)
+            results[method] = tune(
+                tiny_base, world["digits"], method, out, TINY, general_dir=world["general"], progress=False
+            )
         return results[method]
 
     return get
@@ -145,7 +159,10 @@ def test_method_trains_and_exports_a_valid_bundle(method, tuned, tiny_base):
     hyper = manifest.method.hyperparameters
     assert hyper["steps"] == TINY.steps and hyper["lr"] == TINY.lr and hyper["scope"]["last_n_layers"] == 1
     if manifest.kind == "sparse":
-        assert 0 < manifest.config["density"] <= 1 and manifest.config["trainable_numel"] == result.stats["trainable_params"]
+        assert (
+            0 < manifest.config["density"] <= 1
+            and manifest.config["trainable_numel"] == result.stats["trainable_params"]
+        )
 
 
 @pytest.mark.parametrize("method", ["spider", "lora", "bottleneck"])
@@ -157,7 +174,10 @@ def test_applied_bundle_reproduces_the_tuned_model_exactly(method, tuned, tiny_b
     from deltaserve.tuning.data import load_task
 
     result = tuned(method)
-    samples = load_task(world["digits"], splits=("test",))["test"][:2] + load_task(world["general"] / "arithmetic", splits=("test",))["test"][:2]
+    samples = (
+        load_task(world["digits"], splits=("test",))["test"][:2]
+        + load_task(world["general"] / "arithmetic", splits=("test",))["test"][:2]
+    )
     batch = collate(encode(hf_processor, samples), hf_processor.tokenizer.pad_token_id, with_targets=False)
     with torch.no_grad():
         tuned_logits = result.model(**batch).logits

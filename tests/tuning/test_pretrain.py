@@ -11,7 +11,9 @@ from deltaserve.tuning import train as train_module
 from deltaserve.tuning.pretrain import META_FILE, PretrainConfig, cached_base, pretrain, pretrain_key
 from deltaserve.tuning.world import GENERAL_TASKS, WorldConfig
 
-TINY = PretrainConfig(steps=3, batch_size=4, warmup_steps=1, world=WorldConfig(general_train=6, downstream_train=1, val=1, test=3))
+TINY = PretrainConfig(
+    steps=3, batch_size=4, warmup_steps=1, world=WorldConfig(general_train=6, downstream_train=1, val=1, test=3)
+)
 
 
 def _no_training(*args, **kwargs):

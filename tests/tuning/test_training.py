@@ -18,7 +18,9 @@ from helpers import hf_greedy
 def toy_samples(tmp_path_factory) -> list[Sample]:
     root = tmp_path_factory.mktemp("toy-world")
     build_world(root, WorldConfig(general_train=8, val=1, test=1), tasks=("caption", "count", "arithmetic"))
-    return [s for name in ("caption", "count", "arithmetic") for s in load_task(root / name, splits=("train",))["train"][:8]]
+    return [
+        s for name in ("caption", "count", "arithmetic") for s in load_task(root / name, splits=("train",))["train"][:8]
+    ]
 
 
 def test_collate_labels_only_the_target(hf_processor, toy_samples):
@@ -29,7 +31,10 @@ def test_collate_labels_only_the_target(hf_processor, toy_samples):
         labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
         assert labelled == item.target_ids and labelled[-1] == hf_processor.tokenizer.eos_token_id
         assert batch["attention_mask"][row].sum() == len(item.prompt_ids) + len(item.target_ids)
-    assert prompt_text(toy_samples[0]).startswith("<image>\n") and prompt_text(toy_samples[-1]) == toy_samples[-1].prompt + "\nAnswer:"
+    assert (
+        prompt_text(toy_samples[0]).startswith("<image>\n")
+        and prompt_text(toy_samples[-1]) == toy_samples[-1].prompt + "\nAnswer:"
+    )
     assert (batch["input_ids"] == 3).sum() == 2 * 16  # 16 image tokens per image
 
 
@@ -38,7 +43,11 @@ def test_loss_falls_and_hooks_choose_parameters(hf_model, hf_processor, toy_samp
         steps_seen: list[int] = []
 
         def trainable(self, model):
-            return [(n, p) for n, p in model.named_parameters() if "multi_modal_projector" in n or "language_model.layers.3." in n]
+            return [
+                (n, p)
+                for n, p in model.named_parameters()
+                if "multi_modal_projector" in n or "language_model.layers.3." in n
+            ]
 
         def after_step(self, step, model, params):
             assert all(p.grad is not None for _, p in params)
@@ -61,7 +70,10 @@ def test_batch_stream_is_seeded_and_balanced(hf_processor, toy_samples):
     stream = BatchStream(items, 6, seed=2, balance_tasks=True)
     drawn = [e.task for _ in range(10) for e in next(stream)]
     assert set(drawn) == {"caption", "count", "arithmetic"}
-    assert lr_factor(0, TrainConfig(steps=10, warmup_steps=2)) == 0.5 and lr_factor(9, TrainConfig(steps=10, warmup_steps=2)) < 0.2
+    assert (
+        lr_factor(0, TrainConfig(steps=10, warmup_steps=2)) == 0.5
+        and lr_factor(9, TrainConfig(steps=10, warmup_steps=2)) < 0.2
+    )
 
 
 def test_evaluate_matches_unbatched_greedy(hf_model, hf_processor, toy_samples):
@@ -87,7 +99,10 @@ def test_normalize_and_general_score():
 
 
 def test_token_f1_gives_partial_credit():
-    assert token_f1("Red circle top left, blue square bottom right.", "red circle top left, blue square bottom right") == 1.0
+    assert (
+        token_f1("Red circle top left, blue square bottom right.", "red circle top left, blue square bottom right")
+        == 1.0
+    )
     assert token_f1("red circle top left", "red square top left") == 0.75
     assert token_f1("", "red circle") == 0.0 and token_f1("", "") == 1.0 and token_f1("green", "red") == 0.0
 

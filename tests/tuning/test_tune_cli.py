@@ -19,7 +19,9 @@ FAST = ["--steps", "2", "--batch-size", "4", "--last-n-layers", "1", "--quiet"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-world")
-    build_world(root / "all", WorldConfig(general_train=4, downstream_train=8, val=2, test=2), tasks=("digits", "colour"))
+    build_world(
+        root / "all", WorldConfig(general_train=4, downstream_train=8, val=2, test=2), tasks=("digits", "colour")
+    )
     (root / "general").mkdir()
     shutil.move(str(root / "all" / "colour"), str(root / "general" / "colour"))
     return {"digits": root / "all" / "digits", "general": root / "general"}
@@ -63,7 +65,20 @@ def test_tune_writes_a_bundle_and_eval_reads_it(tuned, tiny_base, world):
     assert manifest["name"] == "my-digits" and manifest["kind"] == "sparse" and manifest["method"]["name"] == "spider"
     assert manifest["task"]["examples"] and manifest["task"]["description"]
 
-    evaluated = CliRunner().invoke(main, ["eval", "--base", str(tiny_base), "--bundle", str(out), "--data", str(world["digits"]), "--general-data", str(world["general"])])
+    evaluated = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--base",
+            str(tiny_base),
+            "--bundle",
+            str(out),
+            "--data",
+            str(world["digits"]),
+            "--general-data",
+            str(world["general"]),
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     scores = json.loads(evaluated.stdout)
     assert scores["kind"] == "sparse" and scores["target_task"] == "digits"
@@ -73,7 +88,11 @@ def test_tune_writes_a_bundle_and_eval_reads_it(tuned, tiny_base, world):
 @pytest.mark.parametrize(
     "line, edit, message",
     [
-        (2, lambda line: json.dumps({**json.loads(line), "image": "images/nope.png"}), "image file not found: 'images/nope.png'"),
+        (
+            2,
+            lambda line: json.dumps({**json.loads(line), "image": "images/nope.png"}),
+            "image file not found: 'images/nope.png'",
+        ),
         (3, lambda line: json.dumps({**json.loads(line), "target": ""}), "empty `target`"),
         (4, lambda line: line[:-5], "malformed JSON"),
     ],
@@ -99,7 +118,10 @@ def test_deleted_image_file_is_named_too(tiny_base, digits, tmp_path):
 
 def test_unknown_method_is_refused(tiny_base, world, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["tune", "--base", str(tiny_base), "--data", str(world["digits"]), "--method", "prompt", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        ["tune", "--base", str(tiny_base), "--data", str(world["digits"]), "--method", "prompt", "--out", str(out)],
+    )
     assert result.exit_code == 2 and "'prompt' is not one of" in result.output and "spider" in result.output
     assert _nothing_written(out)
 
@@ -127,9 +149,13 @@ def test_bundle_of_another_base_is_refused_with_its_line(tuned, world, tmp_path)
 
     bundle = tuned[0]
     other = build_base(tmp_path / "other-base", seed=1)
-    result = CliRunner().invoke(main, ["eval", "--base", str(other), "--bundle", str(bundle), "--data", str(world["digits"]), "--no-general"])
+    result = CliRunner().invoke(
+        main, ["eval", "--base", str(other), "--bundle", str(bundle), "--data", str(world["digits"]), "--no-general"]
+    )
     assert result.exit_code == 1, result.output
-    line = next(i for i, text in enumerate((bundle / "delta.json").read_text().splitlines(), start=1) if '"fingerprint"' in text)
+    line = next(
+        i for i, text in enumerate((bundle / "delta.json").read_text().splitlines(), start=1) if '"fingerprint"' in text
+    )
     assert f"{bundle / 'delta.json'}:{line}: base fingerprint mismatch" in result.output
 
 
@@ -157,16 +183,32 @@ def test_cached_delta_tunes_once(tiny_base, world, monkeypatch):
     from deltaserve.tuning.tune import TuneConfig, cached_delta
 
     config = TuneConfig(steps=2, batch_size=4, last_n_layers=1, examples=3)
-    first = cached_delta(tiny_base, world["digits"], "bottleneck", config=config, general_dir=world["general"], progress=False)
-    assert (first / "delta.json").is_file() and json.loads((first.parent / "tune.json").read_text())["method"] == "bottleneck"
+    first = cached_delta(
+        tiny_base, world["digits"], "bottleneck", config=config, general_dir=world["general"], progress=False
+    )
+    assert (first / "delta.json").is_file() and json.loads((first.parent / "tune.json").read_text())[
+        "method"
+    ] == "bottleneck"
 
     def no_tuning(*args, **kwargs):
         raise AssertionError("a cache hit must not tune")
 
     monkeypatch.setattr(tune_module, "tune", no_tuning)
-    assert cached_delta(tiny_base, world["digits"], "bottleneck", config=config, general_dir=world["general"], progress=False) == first
+    assert (
+        cached_delta(
+            tiny_base, world["digits"], "bottleneck", config=config, general_dir=world["general"], progress=False
+        )
+        == first
+    )
     with pytest.raises(AssertionError, match="must not tune"):
-        cached_delta(tiny_base, world["digits"], "bottleneck", config=replace(config, lr=1e-2), general_dir=world["general"], progress=False)
+        cached_delta(
+            tiny_base,
+            world["digits"],
+            "bottleneck",
+            config=replace(config, lr=1e-2),
+            general_dir=world["general"],
+            progress=False,
+        )
 
 
 def test_cli_method_names_match_the_methods():

@@ -33,7 +33,9 @@ def test_same_seed_gives_identical_files(small_world, tmp_path):
 def test_has_general_and_two_downstream_tasks(small_world):
     tasks = load_tasks(small_world)
     assert set(tasks) == {t.name for t in TASKS}
-    assert {n for n, t in tasks.items() if t.info.type == "downstream"} == set(DOWNSTREAM_TASKS) >= {"digits", "relations"}
+    assert (
+        {n for n, t in tasks.items() if t.info.type == "downstream"} == set(DOWNSTREAM_TASKS) >= {"digits", "relations"}
+    )
     assert len(GENERAL_TASKS) >= 6
     assert any(s.image is None for t in tasks.values() for s in t["train"]), "text-only general tasks exist"
     assert {n: t.info.metric for n, t in tasks.items() if t.info.metric != "exact_match"} == {"caption": "token_f1"}
@@ -95,7 +97,11 @@ def test_phrasings_are_many_and_split_by_phrasing(module):
         assert len(phrasings) >= 16 and len(set(phrasings)) == len(phrasings), name
         splits = {split: set(phrasings_of(name, phrasings, split, 0)) for split in SPLITS}
         assert set().union(*splits.values()) == set(phrasings), name
-        assert all(splits[s] for s in SPLITS) and not (splits["train"] & (splits["val"] | splits["test"])) and not splits["val"] & splits["test"], name
+        assert (
+            all(splits[s] for s in SPLITS)
+            and not (splits["train"] & (splits["val"] | splits["test"]))
+            and not splits["val"] & splits["test"]
+        ), name
 
 
 def test_test_prompts_are_worded_unlike_any_training_prompt(small_world):

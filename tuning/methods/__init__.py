@@ -11,7 +11,9 @@ from deltaserve.tuning.methods.magnitude import MagnitudeMethod
 from deltaserve.tuning.methods.scope import Scope
 from deltaserve.tuning.methods.spider import SpiderMethod
 
-METHODS: dict[str, type[TuningMethod]] = {m.name: m for m in (SpiderMethod, MagnitudeMethod, FullMethod, LoraMethod, BottleneckMethod)}
+METHODS: dict[str, type[TuningMethod]] = {
+    m.name: m for m in (SpiderMethod, MagnitudeMethod, FullMethod, LoraMethod, BottleneckMethod)
+}
 
 
 def get_method(name: str) -> type[TuningMethod]:
@@ -19,7 +21,9 @@ def get_method(name: str) -> type[TuningMethod]:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown tuning method `{name}`; known methods: {', '.join(f'`{m}`' for m in METHODS)}") from None
+        raise ValueError(
+            f"unknown tuning method `{name}`; known methods: {', '.join(f'`{m}`' for m in METHODS)}"
+        ) from None
 
 
 __all__ = ["METHODS", "MethodOptions", "Scope", "TuningMethod", "get_method"]

@@ -74,7 +74,17 @@ class TuningMethod(ABC):
         bundle reproduces when applied (see the selective methods). Default: nothing to do."""
 
     @abstractmethod
-    def export(self, out: Path, *, name: str, base: BaseSpec, base_dir: Path, task: TaskInfo, info: MethodInfo, extra_files: dict[str, bytes]) -> Path:
+    def export(
+        self,
+        out: Path,
+        *,
+        name: str,
+        base: BaseSpec,
+        base_dir: Path,
+        task: TaskInfo,
+        info: MethodInfo,
+        extra_files: dict[str, bytes],
+    ) -> Path:
         """Write the trained delta as a bundle of :attr:`kind` (validated against ``base``) to ``out``."""
 
     def hyperparameters(self) -> dict:

@@ -39,18 +39,37 @@ class BottleneckMethod(TuningMethod):
         for name in self.scope.decoder_linears(model, o.bottleneck_targets):
             linear = modules[name]
             self._adapters[module_to_checkpoint(name)] = BottleneckAdapter(
-                linear.out_features, o.bottleneck_dim, o.bottleneck_activation, o.bottleneck_scaling, dtype=linear.weight.dtype, device=linear.weight.device
+                linear.out_features,
+                o.bottleneck_dim,
+                o.bottleneck_activation,
+                o.bottleneck_scaling,
+                dtype=linear.weight.dtype,
+                device=linear.weight.device,
             )
         self.attached = attach_adapters(model, self._adapters, "bottleneck:tuning")
-        params = [(f"{module}.{n}", p) for module, adapter in self._adapters.items() for n, p in adapter.named_parameters()]
+        params = [
+            (f"{module}.{n}", p) for module, adapter in self._adapters.items() for n, p in adapter.named_parameters()
+        ]
         return model, ScopeHooks(params)
 
-    def export(self, out: Path, *, name: str, base: BaseSpec, base_dir: Path, task: TaskInfo, info: MethodInfo, extra_files: dict[str, bytes]) -> Path:
+    def export(
+        self,
+        out: Path,
+        *,
+        name: str,
+        base: BaseSpec,
+        base_dir: Path,
+        task: TaskInfo,
+        info: MethodInfo,
+        extra_files: dict[str, bytes],
+    ) -> Path:
         from deltaserve.plugins.bottleneck import write_bottleneck_bundle
 
         numel = sum(p.numel() for a in self._adapters.values() for p in a.parameters())
         self._stats = {"trainable_params": numel, "delta_params": numel}
-        return write_bottleneck_bundle(out, name=name, base=base, adapters=self._adapters, task=task, method=info, extra_files=extra_files)
+        return write_bottleneck_bundle(
+            out, name=name, base=base, adapters=self._adapters, task=task, method=info, extra_files=extra_files
+        )
 
     def hyperparameters(self) -> dict:
         o = self.options

@@ -33,12 +33,28 @@ class LoraMethod(TuningMethod):
         from peft import LoraConfig, get_peft_model
 
         targets = self.scope.decoder_linears(model, self.options.lora_targets)
-        config = LoraConfig(r=self.options.lora_r, lora_alpha=self.options.lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+        config = LoraConfig(
+            r=self.options.lora_r,
+            lora_alpha=self.options.lora_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            bias="none",
+        )
         self._peft = get_peft_model(model, config)
         params = [(n, p) for n, p in self._peft.named_parameters() if ".lora_A." in n or ".lora_B." in n]
         return self._peft, ScopeHooks(params)
 
-    def export(self, out: Path, *, name: str, base: BaseSpec, base_dir: Path, task: TaskInfo, info: MethodInfo, extra_files: dict[str, bytes]) -> Path:
+    def export(
+        self,
+        out: Path,
+        *,
+        name: str,
+        base: BaseSpec,
+        base_dir: Path,
+        task: TaskInfo,
+        info: MethodInfo,
+        extra_files: dict[str, bytes],
+    ) -> Path:
         from peft import get_peft_model_state_dict
 
         from deltaserve.plugins.lora import write_lora_bundle
@@ -48,11 +64,26 @@ class LoraMethod(TuningMethod):
         tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self._peft).items()}
         numel = sum(t.numel() for t in tensors.values())
         self._stats = {"trainable_params": numel, "delta_params": numel}
-        return write_lora_bundle(out, name=name, base=base, adapter_config=adapter_config, tensors=tensors, task=task, method=info, extra_files=extra_files)
+        return write_lora_bundle(
+            out,
+            name=name,
+            base=base,
+            adapter_config=adapter_config,
+            tensors=tensors,
+            task=task,
+            method=info,
+            extra_files=extra_files,
+        )
 
     def hyperparameters(self) -> dict:
         o = self.options
-        return {**super().hyperparameters(), "r": o.lora_r, "lora_alpha": o.lora_alpha, "targets": list(o.lora_targets), "dropout": 0.0}
+        return {
+            **super().hyperparameters(),
+            "r": o.lora_r,
+            "lora_alpha": o.lora_alpha,
+            "targets": list(o.lora_targets),
+            "dropout": 0.0,
+        }
 
     def stats(self) -> dict:
         return dict(getattr(self, "_stats", {}))

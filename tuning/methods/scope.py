@@ -67,11 +67,18 @@ class Scope:
         found = [
             n
             for n, m in model.named_modules()
-            if n.startswith(prefixes) and isinstance(m, torch.nn.Linear) and (names is None or n.rsplit(".", 1)[-1] in names)
+            if n.startswith(prefixes)
+            and isinstance(m, torch.nn.Linear)
+            and (names is None or n.rsplit(".", 1)[-1] in names)
         ]
         if not found:
             raise ValueError("no linear module of the decoder is in scope (set `last_n_layers` > 0)")
         return found
 
     def as_dict(self) -> dict:
-        return {"last_n_layers": self.last_n_layers, "train_projector": self.train_projector, "train_vision_tower": self.train_vision_tower, "train_lm_head": self.train_lm_head}
+        return {
+            "last_n_layers": self.last_n_layers,
+            "train_projector": self.train_projector,
+            "train_vision_tower": self.train_vision_tower,
+            "train_lm_head": self.train_lm_head,
+        }

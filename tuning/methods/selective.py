@@ -86,13 +86,34 @@ class SelectiveMethod(TuningMethod):
         nnz = sum(int(indices.numel()) for indices, _ in self._deltas.values())
         self._stats = {"trainable_params": trainable, "delta_params": nnz, "density": nnz / trainable}
 
-    def export(self, out: Path, *, name: str, base: BaseSpec, base_dir: Path, task: TaskInfo, info: MethodInfo, extra_files: dict[str, bytes]) -> Path:
+    def export(
+        self,
+        out: Path,
+        *,
+        name: str,
+        base: BaseSpec,
+        base_dir: Path,
+        task: TaskInfo,
+        info: MethodInfo,
+        extra_files: dict[str, bytes],
+    ) -> Path:
         from deltaserve.plugins.sparse import write_sparse_bundle
 
         if not self._deltas:
-            raise NothingToExport("tuning changed no weight of the base: nothing to export (more steps or a higher learning rate?)")
+            raise NothingToExport(
+                "tuning changed no weight of the base: nothing to export (more steps or a higher learning rate?)"
+            )
         trainable = self._stats["trainable_params"]
-        return write_sparse_bundle(out, name=name, base=base, deltas=self._deltas, task=task, method=info, trainable_numel=trainable, extra_files=extra_files)
+        return write_sparse_bundle(
+            out,
+            name=name,
+            base=base,
+            deltas=self._deltas,
+            task=task,
+            method=info,
+            trainable_numel=trainable,
+            extra_files=extra_files,
+        )
 
     def stats(self) -> dict:
         return dict(getattr(self, "_stats", {}))

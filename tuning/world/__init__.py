@@ -59,13 +59,13 @@ def build_world(out: Path, config: WorldConfig | None = None, tasks: tuple[str, 
     if unknown:
         raise ValueError(f"unknown world task(s): {', '.join(f'`{n}`' for n in sorted(unknown))}")
     written = {}
-    for spec in TASKS:
-        if tasks is not None and spec.name not in tasks:
+    for task in TASKS:
+        if tasks is not None and task.name not in tasks:
             continue
-        train = config.general_train if spec.type == "general" else config.downstream_train
+        train = config.general_train if task.type == "general" else config.downstream_train
         sizes = {"train": train, "val": config.val, "test": config.test}
-        samples = {split: spec.generate(split, sizes[split], config.seed) for split in SPLITS}
-        written[spec.name] = write_task(out / spec.name, spec, samples)
+        samples = {split: task.generate(split, sizes[split], config.seed) for split in SPLITS}
+        written[task.name] = write_task(out / task.name, task, samples)
     manifest = {"world_version": WORLD_VERSION, "config": asdict(config), "tasks": sorted(written)}
     (out / "world.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return written
@@ -73,8 +73,17 @@ def build_world(out: Path, config: WorldConfig | None = None, tasks: tuple[str, 
 
 def world_key(config: WorldConfig, tasks: tuple[str, ...] | None = None) -> str:
     """Content key of a generated world: version, config, task selection and the generator's code."""
-    code = source_hash([digits, general, relations, render, scene_tasks, scenes, spec, text, writer, sys.modules[__name__]])
-    return stable_hash({"world_version": WORLD_VERSION, "config": asdict(config), "tasks": sorted(tasks) if tasks else None, "code": code})
+    code = source_hash(
+        [digits, general, relations, render, scene_tasks, scenes, spec, text, writer, sys.modules[__name__]]
+    )
+    return stable_hash(
+        {
+            "world_version": WORLD_VERSION,
+            "config": asdict(config),
+            "tasks": sorted(tasks) if tasks else None,
+            "code": code,
+        }
+    )
 
 
 def cached_world(config: WorldConfig | None = None, tasks: tuple[str, ...] | None = None) -> Path:
@@ -87,4 +96,13 @@ def cached_world(config: WorldConfig | None = None, tasks: tuple[str, ...] | Non
     return final
 
 
-__all__ = ["DOWNSTREAM_TASKS", "GENERAL_TASKS", "TASKS", "WORLD_VERSION", "WorldConfig", "build_world", "cached_world", "world_key"]
+__all__ = [
+    "DOWNSTREAM_TASKS",
+    "GENERAL_TASKS",
+    "TASKS",
+    "WORLD_VERSION",
+    "WorldConfig",
+    "build_world",
+    "cached_world",
+    "world_key",
+]

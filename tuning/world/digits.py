@@ -53,9 +53,16 @@ def _generate(split: str, n: int, seed: int) -> list[RawSample]:
     samples = []
     for i in indices[:n]:
         grey = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)  # [8, 8], values 0..16 in the source
-        image = Image.fromarray(grey, mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR).convert("RGB")
+        image = (
+            Image.fromarray(grey, mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR).convert("RGB")
+        )
         samples.append(RawSample(rng.choice(prompts), str(int(digits.target[i])), image))
     return samples
 
 
-TASK = TaskSpec("digits", "Read a handwritten digit (scikit-learn's 8x8 digits, scaled to 32x32); answer with the numeral.", "downstream", _generate)
+TASK = TaskSpec(
+    "digits",
+    "Read a handwritten digit (scikit-learn's 8x8 digits, scaled to 32x32); answer with the numeral.",
+    "downstream",
+    _generate,
+)

@@ -154,8 +154,26 @@ def _position_qa(scene: Scene, rng: random.Random, prompts: tuple[str, ...]) -> 
 TASKS = (
     # A caption names up to three objects (~15 tokens): token F1 gives partial credit where
     # exact match scores one wrong word like a wrong caption (exact match is reported beside it).
-    TaskSpec("caption", "Describe a scene of coloured shapes: colour, shape and place of each, in reading order.", "general", scene_task("caption", _caption_qa, CAPTION_PROMPTS), metric="token_f1"),
-    TaskSpec("colour", "Name the colour of a shape in a scene.", "general", scene_task("colour", _colour_qa, COLOUR_PROMPTS)),
-    TaskSpec("count", "Count the shapes (all, of a colour, or of a kind) in a scene.", "general", scene_task("count", _count_qa, COUNT_PROMPTS)),
-    TaskSpec("position", "Say where a named shape is (top/bottom, left/right).", "general", scene_task("position", _position_qa, POSITION_PROMPTS)),
+    TaskSpec(
+        "caption",
+        "Describe a scene of coloured shapes: colour, shape and place of each, in reading order.",
+        "general",
+        scene_task("caption", _caption_qa, CAPTION_PROMPTS),
+        metric="token_f1",
+    ),
+    TaskSpec(
+        "colour", "Name the colour of a shape in a scene.", "general", scene_task("colour", _colour_qa, COLOUR_PROMPTS)
+    ),
+    TaskSpec(
+        "count",
+        "Count the shapes (all, of a colour, or of a kind) in a scene.",
+        "general",
+        scene_task("count", _count_qa, COUNT_PROMPTS),
+    ),
+    TaskSpec(
+        "position",
+        "Say where a named shape is (top/bottom, left/right).",
+        "general",
+        scene_task("position", _position_qa, POSITION_PROMPTS),
+    ),
 )

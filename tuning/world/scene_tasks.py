@@ -16,7 +16,9 @@ when the scene does not fit the question."""
 _MAX_ATTEMPTS_PER_SAMPLE = 1000
 
 
-def scene_task(name: str, qa: QA, phrasings: tuple[str, ...], min_objects: int = 1) -> Callable[[str, int, int], list[RawSample]]:
+def scene_task(
+    name: str, qa: QA, phrasings: tuple[str, ...], min_objects: int = 1
+) -> Callable[[str, int, int], list[RawSample]]:
     """A ``generate(split, n, seed)`` that asks ``qa`` about random scenes belonging to ``split``,
     in the phrasings reserved for ``split``."""
 

@@ -59,7 +59,7 @@ OPPOSITE_PROMPTS = (
     "If something is not {w}, what is it? Give the opposite word.",
     "Antonym for {w}, please.",
     "What word is the reverse of {w}?",
-    "Give me an antonym of \"{w}\".",
+    'Give me an antonym of "{w}".',
     "The opposite of {w} is what?",
     "Find the opposite word for {w}.",
     "I need the opposite of {w}.",
@@ -113,6 +113,11 @@ def _text_task(name: str, facts):
 
 
 TASKS = (
-    TaskSpec("arithmetic", "Add or subtract small numbers written as words (zero to twelve).", "general", _text_task("arithmetic", _arithmetic_facts)),
+    TaskSpec(
+        "arithmetic",
+        "Add or subtract small numbers written as words (zero to twelve).",
+        "general",
+        _text_task("arithmetic", _arithmetic_facts),
+    ),
     TaskSpec("opposites", "Name the opposite of a common word.", "general", _text_task("opposites", _opposite_facts)),
 )

@@ -20,7 +20,12 @@ def write_task(task_dir: Path, spec: TaskSpec, samples: dict[str, list[RawSample
             if sample.image is not None:
                 image = f"images/{split}-{i:05d}.png"
                 sample.image.save(task_dir / image, format="PNG")
-            record = {"id": f"{spec.name}-{split}-{i:05d}", "prompt": sample.prompt, "target": sample.target, "image": image}
+            record = {
+                "id": f"{spec.name}-{split}-{i:05d}",
+                "prompt": sample.prompt,
+                "target": sample.target,
+                "image": image,
+            }
             lines.append(json.dumps(record, ensure_ascii=False))
         (task_dir / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     info = {
