@@ -96,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         "auto, n-grams + MiniLM embedding": ("auto", {**chosen, **ow, "embedder": "minilm"}),
         "auto, n-grams + WordLlama embedding": ("auto", {**chosen, **ow, "embedder": "wordllama"}),
         "auto, n-grams only": ("auto", {**chosen, **ow, "embedder": "none"}),
-        "auto, MiniLM embedding only": ("auto", {**chosen, **ow, "embedder": "minilm", "char_weight": "0", "word_weight": "0"}),
-        "auto, WordLlama embedding only": ("auto", {**chosen, **ow, "embedder": "wordllama", "char_weight": "0", "word_weight": "0"}),
+        "auto, MiniLM embedding only": (
+            "auto",
+            {**chosen, **ow, "embedder": "minilm", "char_weight": "0", "word_weight": "0"},
+        ),
+        "auto, WordLlama embedding only": (
+            "auto",
+            {**chosen, **ow, "embedder": "wordllama", "char_weight": "0", "word_weight": "0"},
+        ),
         "coverage (the previous auto router)": ("coverage", {}),
     }
     results = {}
@@ -135,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         "passed": passed,
         "candidates": results,
         "validation_grid_top": sorted(grid, key=lambda r: -min(r["recall"], r["precision"]))[:10],
-        "counts": {"val": len(val), "folds": sum(len(st.queries) for st in sets[1:]), "test": len(test), "hand": len(hand)},
+        "counts": {
+            "val": len(val),
+            "folds": sum(len(st.queries) for st in sets[1:]),
+            "test": len(test),
+            "hand": len(hand),
+        },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
         "seconds": round(time.perf_counter() - started, 1),
     }

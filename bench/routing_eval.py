@@ -200,15 +200,23 @@ def _phrasings() -> dict[str, tuple[str, ...]]:
     from deltaserve.tuning.world import digits, general, relations, text
 
     return {
-        "digits": digits.PROMPTS, "relations": relations.PROMPTS, "caption": general.CAPTION_PROMPTS,
-        "colour": general.COLOUR_PROMPTS, "count": general.COUNT_PROMPTS, "position": general.POSITION_PROMPTS,
-        "arithmetic": text.PLUS_PROMPTS + text.MINUS_PROMPTS, "opposites": text.OPPOSITE_PROMPTS,
+        "digits": digits.PROMPTS,
+        "relations": relations.PROMPTS,
+        "caption": general.CAPTION_PROMPTS,
+        "colour": general.COLOUR_PROMPTS,
+        "count": general.COUNT_PROMPTS,
+        "position": general.POSITION_PROMPTS,
+        "arithmetic": text.PLUS_PROMPTS + text.MINUS_PROMPTS,
+        "opposites": text.OPPOSITE_PROMPTS,
     }
 
 
 def phrasing_groups(task: str, samples: list) -> dict[str, list]:
     """``samples`` by the phrasing template their prompt was written from."""
-    patterns = [(t, re.compile("^" + re.sub(r"\\\{\w+\\\}", "(.+?)", re.escape(t)) + "$", re.DOTALL)) for t in _phrasings()[task]]
+    patterns = [
+        (t, re.compile("^" + re.sub(r"\\\{\w+\\\}", "(.+?)", re.escape(t)) + "$", re.DOTALL))
+        for t in _phrasings()[task]
+    ]
     groups: dict[str, list] = defaultdict(list)
     for s in samples:
         template = next((t for t, rx in patterns if rx.match(s.prompt)), None)
@@ -218,7 +226,15 @@ def phrasing_groups(task: str, samples: list) -> dict[str, list]:
     return groups
 
 
-def choice_sets(downstream_root: Path, general_root: Path, val: list[Labeled], work: Path, folds: int = 3, per_task: int = 40, seed: int = 0) -> list[ChoiceSet]:
+def choice_sets(
+    downstream_root: Path,
+    general_root: Path,
+    val: list[Labeled],
+    work: Path,
+    folds: int = 3,
+    per_task: int = 40,
+    seed: int = 0,
+) -> list[ChoiceSet]:
     """What options are chosen on: the validation split (cards and base examples as served), and
     ``folds`` folds of the *training* split by phrasing — in fold k a third of every task's training
     phrasings is held out of the cards and of the base's examples, and ``per_task`` requests worded
@@ -241,11 +257,28 @@ def choice_sets(downstream_root: Path, general_root: Path, val: list[Labeled], w
             out = [s for t in sorted(held) for s in groups[t]]
             random.Random(f"routing-fold-queries\0{name}\0{k}").shuffle(out)
             expect = name if name in down else BASE
-            asked += [Labeled(RouteQuery(s.prompt, s.load_image() if s.image is not None else None), expect, f"fold:{name}") for s in out[:per_task]]
-        cards = [TaskCard(name, "lora", down[name].info.description, [(s.prompt, s.load_image() if s.image is not None else None) for s in pick_examples(kept[name], 24, seed)]) for name in sorted(down)]
+            asked += [
+                Labeled(RouteQuery(s.prompt, s.load_image() if s.image is not None else None), expect, f"fold:{name}")
+                for s in out[:per_task]
+            ]
+        cards = [
+            TaskCard(
+                name,
+                "lora",
+                down[name].info.description,
+                [
+                    (s.prompt, s.load_image() if s.image is not None else None)
+                    for s in pick_examples(kept[name], 24, seed)
+                ],
+            )
+            for name in sorted(down)
+        ]
         fold_dir = Path(work) / f"fold-{k}"
         fold_dir.mkdir(parents=True, exist_ok=True)
-        ow = write_open_world(fold_dir / OPEN_WORLD_FILE, open_world_examples({n: {"train": kept[n]} for n in gen}, OPEN_WORLD_EXAMPLES, seed))
+        ow = write_open_world(
+            fold_dir / OPEN_WORLD_FILE,
+            open_world_examples({n: {"train": kept[n]} for n in gen}, OPEN_WORLD_EXAMPLES, seed),
+        )
         sets.append(ChoiceSet(f"fold-{k}", cards, ow, asked))
     return sets
 
@@ -269,10 +302,17 @@ def choose_options(base_dir: Path, sets: list[ChoiceSet], log=print) -> tuple[di
                 text_options = {"embedder": embedder, "C": C, "char_weight": char_weight, "word_weight": word_weight}
                 text = []
                 for st in sets:
-                    router = make_router(base_dir, st.cards, {**text_options, "open_world": str(st.open_world), "image_weight": "0", "image_gate": "off"})
+                    router = make_router(
+                        base_dir,
+                        st.cards,
+                        {**text_options, "open_world": str(st.open_world), "image_weight": "0", "image_gate": "off"},
+                    )
                     text.append(router.text_scores([q.query.text for q in st.queries]))
                 for image_weight in GRID["image_weight"]:
-                    scores = [[combine(t, e.ratios, float(image_weight)) for t, e in zip(ts, es, strict=True)] for ts, es in zip(text, evidence, strict=True)]
+                    scores = [
+                        [combine(t, e.ratios, float(image_weight)) for t, e in zip(ts, es, strict=True)]
+                        for ts, es in zip(text, evidence, strict=True)
+                    ]
                     for threshold in GRID["threshold"]:
                         hits = {"task": [0, 0], "base": [0, 0]}
                         for st, ss, es in zip(sets, scores, evidence, strict=True):
@@ -282,7 +322,15 @@ def choose_options(base_dir: Path, sets: list[ChoiceSet], log=print) -> tuple[di
                                 bucket[0] += chosen == q.expect
                                 bucket[1] += 1
                         recall, precision = hits["task"][0] / hits["task"][1], hits["base"][0] / hits["base"][1]
-                        rows.append({**text_options, "image_weight": image_weight, "threshold": threshold, "recall": recall, "precision": precision})
+                        rows.append(
+                            {
+                                **text_options,
+                                "image_weight": image_weight,
+                                "threshold": threshold,
+                                "recall": recall,
+                                "precision": precision,
+                            }
+                        )
         log(f"  grid: embedder {embedder} done ({len(rows)} points)")
     # The worse of the two rates, to two decimals: equal scores go to the earlier grid point —
     # max() keeps the first — so the semantic embedders, listed first, win ties.

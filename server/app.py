@@ -77,7 +77,9 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     engine = await Engine.start(config.engine)
     engine_seconds = time.perf_counter() - started
     exclusive = ExclusiveStates(engine) if config.engine.exclusive_deltas else None
-    registry = DeltaRegistry(config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes, exclusive=exclusive)
+    registry = DeltaRegistry(
+        config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes, exclusive=exclusive
+    )
     service = DeltaService(config, engine, registry, exclusive)
     problems = await service.start()
     for problem in problems:
@@ -87,7 +89,9 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     grpc_port = await grpc_front.start(config.host, config.grpc_port)
     sock = _bind_socket(config.host, config.http_port)
     http_port = sock.getsockname()[1]
-    http = _HttpServer(uvicorn.Config(create_app(service), log_level="warning", lifespan="off", timeout_graceful_shutdown=HTTP_FLUSH_S))
+    http = _HttpServer(
+        uvicorn.Config(create_app(service), log_level="warning", lifespan="off", timeout_graceful_shutdown=HTTP_FLUSH_S)
+    )
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
     info = {
         "pid": os.getpid(),
@@ -99,8 +103,11 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         "ready_seconds": round(time.perf_counter() - started, 2),
     }
     _write_atomic(config.store / SERVER_FILE, json.dumps(info, indent=2).encode())
-    print(f"deltaserve: ready grpc={info['grpc']} http={info['http']} base={info['base_model']} "
-          f"deltas={len(info['deltas'])} engine_start={info['engine_start_seconds']}s", flush=True)
+    print(
+        f"deltaserve: ready grpc={info['grpc']} http={info['http']} base={info['base_model']} "
+        f"deltas={len(info['deltas'])} engine_start={info['engine_start_seconds']}s",
+        flush=True,
+    )
 
     try:
         await stop.wait()

@@ -72,7 +72,9 @@ class LoraBinding(Binding):
         try:
             await engine.add_lora(self._request)
         except Exception as exc:  # vLLM reports worker-side refusals as a plain Exception
-            reason = str(exc).replace(str(self.path), f"`{self.name}`")  # vLLM names the adapter by its path in the store
+            reason = str(exc).replace(
+                str(self.path), f"`{self.name}`"
+            )  # vLLM names the adapter by its path in the store
             raise EngineBindError(f"the engine refused LoRA delta `{self.name}`: {reason}") from None
 
     async def unbind(self, engine) -> None:

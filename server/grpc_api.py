@@ -40,7 +40,11 @@ def _token(context) -> str | None:
     return None
 
 
-_OPTIONAL_SAMPLING = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields if f.has_presence and f.name in SamplingFields.__dataclass_fields__)
+_OPTIONAL_SAMPLING = tuple(
+    f.name
+    for f in pb.SamplingParams.DESCRIPTOR.fields
+    if f.has_presence and f.name in SamplingFields.__dataclass_fields__
+)
 """The proto's ``optional`` sampling fields: unset means the server's default (None in :class:`SamplingFields`)."""
 
 
@@ -85,7 +89,12 @@ def _response_format(s: pb.SamplingParams) -> dict | None:
 
 def _logprobs(entries: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
     return [
-        pb.TokenLogprob(token_id=e.token_id, token=e.token, logprob=e.logprob, top=[pb.TopLogprob(token_id=t, token=tok, logprob=lp) for t, tok, lp in e.top])
+        pb.TokenLogprob(
+            token_id=e.token_id,
+            token=e.token,
+            logprob=e.logprob,
+            top=[pb.TopLogprob(token_id=t, token=tok, logprob=lp) for t, tok, lp in e.top],
+        )
         for e in entries or ()
     ]
 
@@ -138,7 +147,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         completion = 0
         async for event in generation:
             completion += len(event.token_ids)
-            chunk = pb.GenerateChunk(request_id=routed.request_id, text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
+            chunk = pb.GenerateChunk(
+                request_id=routed.request_id,
+                text=event.text,
+                token_ids=event.token_ids,
+                logprobs=_logprobs(event.logprobs),
+            )
             if event.finished:
                 chunk.finish_reason = event.finish_reason or ""
                 chunk.usage.CopyFrom(pb.Usage(prompt_tokens=routed.prompt_tokens, completion_tokens=completion))
@@ -204,7 +218,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     await _abort(context, exc, handler_call_details.method)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=deserializer, response_serializer=handler.response_serializer
+            )
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
@@ -217,7 +233,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:
                     await _abort(context, exc, handler_call_details.method)
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
+            )
         return handler
 
 
@@ -258,7 +276,8 @@ class GrpcFrontEnd:
         self.health = _Health(service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
         )
 
     async def start(self, host: str, port: int) -> int:

@@ -164,7 +164,9 @@ def _decode_image_url(url: str, field: str) -> bytes:
         if ";base64" not in header:
             raise InvalidRequestError(f"`{field}` must be a base64 data URL")
     elif url.startswith(("http://", "https://")):
-        raise InvalidRequestError(f"`{field}`: remote image URLs are not fetched; send a data URL (data:image/png;base64,…)")
+        raise InvalidRequestError(
+            f"`{field}`: remote image URLs are not fetched; send a data URL (data:image/png;base64,…)"
+        )
     else:
         data = url
     try:
@@ -224,7 +226,9 @@ def _register_body(raw: bytes) -> RegisterBody:
     except ValidationError as exc:  # answered like FastAPI's own body validation
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
     if body.files is not None and (duplicated := _duplicate_keys(raw)):
-        raise InvalidRequestError(f"the body names {', '.join(f'`{k}`' for k in duplicated)} more than once (in `files`: one entry per path)")
+        raise InvalidRequestError(
+            f"the body names {', '.join(f'`{k}`' for k in duplicated)} more than once (in `files`: one entry per path)"
+        )
     return body
 
 
@@ -247,7 +251,11 @@ def _routing_json(routed: Routed) -> dict:
 
 
 def _usage(routed: Routed, completion: int) -> dict:
-    return {"prompt_tokens": routed.prompt_tokens, "completion_tokens": completion, "total_tokens": routed.prompt_tokens + completion}
+    return {
+        "prompt_tokens": routed.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": routed.prompt_tokens + completion,
+    }
 
 
 def _request_id(body: _Body, request: Request) -> str | None:
@@ -302,19 +310,38 @@ LOGPROB_FLOOR = -9999.0
 """JSON has no -inf: a log-probability below this is sent as this (as vLLM's server does)."""
 
 
-def _choice_json(index: int, text: str, logprobs: list[TokenLogprob] | None, finish: str | None, *, chat: bool, stream: bool, offset: int) -> dict:
+def _choice_json(
+    index: int,
+    text: str,
+    logprobs: list[TokenLogprob] | None,
+    finish: str | None,
+    *,
+    chat: bool,
+    stream: bool,
+    offset: int,
+) -> dict:
     """One entry of ``choices``: a chat message (or its delta when streaming) or a completion text;
     ``offset``: where ``text`` starts in the whole answer (completions' ``text_offset``)."""
     if chat:
         content = ({"content": text} if text else {}) if stream else {"message": {"role": "assistant", "content": text}}
         lp = None if logprobs is None else {"content": [_chat_logprob(e) for e in logprobs]}
         return {"index": index, **({"delta": content} if stream else content), "logprobs": lp, "finish_reason": finish}
-    return {"index": index, "text": text, "logprobs": None if logprobs is None else _completion_logprobs(logprobs, offset), "finish_reason": finish}
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": None if logprobs is None else _completion_logprobs(logprobs, offset),
+        "finish_reason": finish,
+    }
 
 
 def _chat_logprob(e: TokenLogprob) -> dict:
     top = [{"token": tok, "logprob": max(lp, LOGPROB_FLOOR), "bytes": list(tok.encode())} for _, tok, lp in e.top]
-    return {"token": e.token, "logprob": max(e.logprob, LOGPROB_FLOOR), "bytes": list(e.token.encode()), "top_logprobs": top}
+    return {
+        "token": e.token,
+        "logprob": max(e.logprob, LOGPROB_FLOOR),
+        "bytes": list(e.token.encode()),
+        "top_logprobs": top,
+    }
 
 
 def _completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
@@ -328,20 +355,35 @@ def _completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
     return out
 
 
-async def _stream(routed: Routed, events: AsyncIterator[Chunk], head: dict, n: int, *, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    routed: Routed, events: AsyncIterator[Chunk], head: dict, n: int, *, chat: bool, include_usage: bool
+) -> AsyncIterator[bytes]:
     """Server-sent events as OpenAI's API sends them; the first event also carries ``routing``,
     the last (with ``stream_options.include_usage``) has no choices and the usage."""
     if chat:
         head = {**head, "object": "chat.completion.chunk"}
         for index in range(n):
-            first = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            first = {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
             yield _sse({**head, "choices": [first], **({"routing": _routing_json(routed)} if index == 0 else {})})
     offsets = [0] * n
     completion = 0
     routed_sent = chat
     async for chunk in events:
         completion += len(chunk.token_ids)
-        choice = _choice_json(chunk.index, chunk.text, chunk.logprobs, chunk.finish_reason if chunk.finished else None, chat=chat, stream=True, offset=offsets[chunk.index])
+        choice = _choice_json(
+            chunk.index,
+            chunk.text,
+            chunk.logprobs,
+            chunk.finish_reason if chunk.finished else None,
+            chat=chat,
+            stream=True,
+            offset=offsets[chunk.index],
+        )
         offsets[chunk.index] += len(chunk.text)
         payload = {**head, "choices": [choice]}
         if not routed_sent:
@@ -355,7 +397,10 @@ async def _stream(routed: Routed, events: AsyncIterator[Chunk], head: dict, n: i
 
 def error_response(exc: Exception) -> JSONResponse:
     _, http_status, err_type = status_of(exc)
-    return JSONResponse({"error": {"message": client_message(exc), "type": err_type, "param": None, "code": http_status}}, status_code=http_status)
+    return JSONResponse(
+        {"error": {"message": client_message(exc), "type": err_type, "param": None, "code": http_status}},
+        status_code=http_status,
+    )
 
 
 def _sse(obj: dict | str) -> bytes:
@@ -450,14 +495,40 @@ def create_app(service: DeltaService) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": service.base_name, "object": "model", "created": created, "owned_by": "deltaserve", "root": service.base_name, "parent": None}]
+        data = [
+            {
+                "id": service.base_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "deltaserve",
+                "root": service.base_name,
+                "parent": None,
+            }
+        ]
         for d in service.deltas():
             data.append(
-                {"id": d.name, "object": "model", "created": int(d.registered_at), "owned_by": "deltaserve", "root": service.base_name,
-                 "parent": service.base_name, "kind": d.kind, "description": d.manifest.task.description}
+                {
+                    "id": d.name,
+                    "object": "model",
+                    "created": int(d.registered_at),
+                    "owned_by": "deltaserve",
+                    "root": service.base_name,
+                    "parent": service.base_name,
+                    "kind": d.kind,
+                    "description": d.manifest.task.description,
+                }
             )
-        data.append({"id": AUTO, "object": "model", "created": created, "owned_by": "deltaserve", "root": service.base_name,
-                     "parent": None, "description": "automatic routing to a task expert or the base model"})
+        data.append(
+            {
+                "id": AUTO,
+                "object": "model",
+                "created": created,
+                "owned_by": "deltaserve",
+                "root": service.base_name,
+                "parent": None,
+                "description": "automatic routing to a task expert or the base model",
+            }
+        )
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
@@ -467,14 +538,31 @@ def create_app(service: DeltaService) -> FastAPI:
         if len(prompts) != 1 or not isinstance(prompts[0], str):
             raise InvalidRequestError("`prompt` must be one string (batches: send one request each)")
         image = _decode_image_url(body.image, "image") if body.image else None
-        req = InferenceRequest(prompt=prompts[0], image=image, task=body.model, sampling=body.sampling(), request_id=_request_id(body, request), stream=body.stream, api="http")
+        req = InferenceRequest(
+            prompt=prompts[0],
+            image=image,
+            task=body.model,
+            sampling=body.sampling(),
+            request_id=_request_id(body, request),
+            stream=body.stream,
+            api="http",
+        )
         return await _respond(req, body, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
         body.check_unsupported("tools", "tool_choice", "functions", "logit_bias")
         messages, image = _chat_messages(body.messages)
-        req = InferenceRequest(messages=messages, image=image, task=body.model, sampling=body.sampling(), chat=True, request_id=_request_id(body, request), stream=body.stream, api="http")
+        req = InferenceRequest(
+            messages=messages,
+            image=image,
+            task=body.model,
+            sampling=body.sampling(),
+            chat=True,
+            request_id=_request_id(body, request),
+            stream=body.stream,
+            api="http",
+        )
         return await _respond(req, body, request, chat=True)
 
     async def _respond(req: InferenceRequest, body: _Body, request: Request, *, chat: bool):
@@ -483,10 +571,19 @@ def create_app(service: DeltaService) -> FastAPI:
         routed = generation.routed
         events = _while_connected(request, aiter(generation), stream=body.stream)
         prefix, obj = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
-        head = {"id": f"{prefix}-{routed.request_id}", "object": obj, "created": int(time.time()), "model": routed.expert}
+        head = {
+            "id": f"{prefix}-{routed.request_id}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": routed.expert,
+        }
         headers = {"x-deltaserve-expert": routed.expert, "x-request-id": routed.request_id}
         if body.stream:
-            return StreamingResponse(_stream(routed, events, head, generation.n, chat=chat, include_usage=body.include_usage()), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                _stream(routed, events, head, generation.n, chat=chat, include_usage=body.include_usage()),
+                media_type="text/event-stream",
+                headers=headers,
+            )
         choices = []
         collected = await generation.collect(events)
         for c in collected:
@@ -495,7 +592,9 @@ def create_app(service: DeltaService) -> FastAPI:
                 choice["token_ids"] = c.token_ids
             choices.append(choice)
         usage = _usage(routed, sum(len(c.token_ids) for c in collected))
-        return JSONResponse({**head, "choices": choices, "usage": usage, "routing": _routing_json(routed)}, headers=headers)
+        return JSONResponse(
+            {**head, "choices": choices, "usage": usage, "routing": _routing_json(routed)}, headers=headers
+        )
 
     # ---- admin ------------------------------------------------------------------
 
@@ -542,4 +641,3 @@ def create_app(service: DeltaService) -> FastAPI:
         return {"name": name, "deleted": True}
 
     return app
-

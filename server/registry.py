@@ -324,7 +324,9 @@ class DeltaRegistry:
         except OSError as exc:
             if staged or not str(exc.filename or "").startswith(str(source)):
                 raise  # the server's own file system failed: an internal error
-            raise InvalidRequestError(f"`{Path(exc.filename).relative_to(source)}` of the bundle directory cannot be read: {exc.strerror}") from None
+            raise InvalidRequestError(
+                f"`{Path(exc.filename).relative_to(source)}` of the bundle directory cannot be read: {exc.strerror}"
+            ) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already if it was moved into the store
 

@@ -137,11 +137,16 @@ class SentenceTransformerEmbedder:
                 return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
         eager = Tokens(auto_model).eval()
-        probes = ["Which digit is this?", "Seen from the blue circle, in which direction is the red square? Answer in two words, please."]
+        probes = [
+            "Which digit is this?",
+            "Seen from the blue circle, in which direction is the red square? Answer in two words, please.",
+        ]
         try:
             with one_torch_thread(), torch.inference_mode():
                 example = self._model.tokenize([probes[0]])
-                traced = torch.jit.freeze(torch.jit.trace(eager, (example["input_ids"], example["attention_mask"]), check_trace=False))
+                traced = torch.jit.freeze(
+                    torch.jit.trace(eager, (example["input_ids"], example["attention_mask"]), check_trace=False)
+                )
             ok = all(np.allclose(self._one(t, traced), self._one(t, eager), atol=1e-5) for t in [*probes, "ok"])
         except Exception:  # an architecture TorchScript cannot trace: the eager path serves it
             return eager
@@ -166,4 +171,6 @@ def load_text_embedder(spec: str) -> TextEmbedder | None:
         return SentenceTransformerEmbedder(minilm_dir(), name="minilm")
     if Path(spec).is_dir():
         return SentenceTransformerEmbedder(spec)
-    raise ValueError(f"router option `embedder` must be `minilm`, `wordllama`, `none` or a sentence-transformers model directory; got {spec!r}")
+    raise ValueError(
+        f"router option `embedder` must be `minilm`, `wordllama`, `none` or a sentence-transformers model directory; got {spec!r}"
+    )

@@ -58,7 +58,9 @@ class VisionEncoder:
         """``[len(images), d]`` mean-pooled features (not normalised)."""
         with one_torch_thread(), self._torch.no_grad():
             pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.layer]  # [n, 1 + patches, d]
+            hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[
+                self.layer
+            ]  # [n, 1 + patches, d]
             return hidden[:, 1:].mean(1).numpy()  # drop CLS, as LLaVA's "default" strategy does
 
 

@@ -204,8 +204,12 @@ def _abandon(server, *, stream: bool) -> None:
     at_close = _vllm_generated_tokens(server)
     time.sleep(3.0)
     after = _vllm_generated_tokens(server)
-    print(f"{after - before:.0f} tokens for {STREAMS} abandoned requests of {LONG_ANSWER} (stream={stream}), {after - at_close:.0f} after the disconnects")
-    assert after - at_close <= STREAMS * 10, f"{after - at_close} tokens generated after {STREAMS} disconnects (all answers: {STREAMS * LONG_ANSWER})"
+    print(
+        f"{after - before:.0f} tokens for {STREAMS} abandoned requests of {LONG_ANSWER} (stream={stream}), {after - at_close:.0f} after the disconnects"
+    )
+    assert after - at_close <= STREAMS * 10, (
+        f"{after - at_close} tokens generated after {STREAMS} disconnects (all answers: {STREAMS * LONG_ANSWER})"
+    )
     # Far from every answer: how much ran before the closes depends on the machine's load (the
     # tiny model streams fast; 2,415 of 4,000 were seen on a busy 2-core machine), what ran after
     # them is the claim, asserted above.
@@ -331,7 +335,9 @@ def test_refused_bundles_name_the_file_never_a_server_path(server, case):
     with grpc.insecure_channel(server.grpc) as channel:
         request = pb.RegisterRequest(files=[pb.BundleFile(path=p, data=d) for p, d in files], name="refused")
         with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.RegistryStub(channel).Register(request, metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")], timeout=60)
+            pb_grpc.RegistryStub(channel).Register(
+                request, metadata=[("authorization", f"Bearer {ADMIN_TOKEN}")], timeout=60
+            )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details(), err.value.details()
     body = json.dumps({"name": "refused", "files": {p: base64.b64encode(d).decode() for p, d in files}}).encode()
     status, payload = _http(f"{server.http}/v1/deltas", body)
@@ -342,7 +348,12 @@ def test_refused_bundles_name_the_file_never_a_server_path(server, case):
 
 @pytest.mark.parametrize(
     "path, needle",
-    [(lambda store: store, "store"), (lambda store: store / "staging", "store"), (lambda store: store.parent, "store"), (lambda store: "/" + "a" * 5000, "`path` cannot be used")],
+    [
+        (lambda store: store, "store"),
+        (lambda store: store / "staging", "store"),
+        (lambda store: store.parent, "store"),
+        (lambda store: "/" + "a" * 5000, "`path` cannot be used"),
+    ],
     ids=["the store", "inside the store", "a folder holding the store", "a name too long for the file system"],
 )
 def test_path_registration_of_the_store_or_an_unusable_path_is_400_on_a_kept_connection(server, path, needle):
@@ -355,7 +366,9 @@ def test_path_registration_of_the_store_or_an_unusable_path_is_400_on_a_kept_con
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
     before = _staging(server)
     body = json.dumps({"path": str(path(server.store))})
-    conn.request("POST", "/v1/deltas", body, {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"})
+    conn.request(
+        "POST", "/v1/deltas", body, {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
     resp = conn.getresponse()
     payload = json.loads(resp.read())
     assert resp.status == 400 and needle in payload["error"]["message"], payload
@@ -379,12 +392,22 @@ def test_health_answers_quickly_while_a_large_upload_and_a_long_prompt_are_proce
     import threading
     import time
 
-    upload = json.dumps({"name": "big", "files": {"delta.json": base64.b64encode(MANIFEST).decode(), "w.safetensors": base64.b64encode(os.urandom(96 << 20)).decode()}}).encode()
+    upload = json.dumps(
+        {
+            "name": "big",
+            "files": {
+                "delta.json": base64.b64encode(MANIFEST).decode(),
+                "w.safetensors": base64.b64encode(os.urandom(96 << 20)).decode(),
+            },
+        }
+    ).encode()
     prompt = json.dumps({"model": server.base_name, "prompt": "word " * 400_000, "max_tokens": 1}).encode()
     results = {}
     threads = [
         threading.Thread(target=lambda: results.update(upload=_http(f"{server.http}/v1/deltas", upload)[0])),
-        threading.Thread(target=lambda: results.update(prompt=_http(f"{server.http}/v1/completions", prompt, token=None)[0])),
+        threading.Thread(
+            target=lambda: results.update(prompt=_http(f"{server.http}/v1/completions", prompt, token=None)[0])
+        ),
     ]
     latencies = []
     for t in threads:

@@ -34,7 +34,9 @@ def test_an_unexpected_error_is_a_500_in_the_openai_shape_and_the_connection_sta
     from deltaserve.server.http_api import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(_FailingService()), host="127.0.0.1", port=port, log_level="critical", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(_FailingService()), host="127.0.0.1", port=port, log_level="critical", lifespan="off")
+    )
     thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
     thread.start()
     try:

@@ -28,7 +28,9 @@ def _grpc_stream(srv, out: dict) -> None:
 
     out.update(tokens=0, finish=None)
     with DeltaClient(srv.grpc) as client:
-        for chunk in client.generate_stream(PROMPT, task=srv.base_name, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True):
+        for chunk in client.generate_stream(
+            PROMPT, task=srv.base_name, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True
+        ):
             out["tokens"] += len(chunk.token_ids)
             out["finish"] = chunk.finish_reason or None
             out["last_at"] = time.monotonic()
@@ -38,7 +40,14 @@ def _http_stream(srv, out: dict) -> None:
     url = urlparse(srv.http)
     out.update(tokens=0, finish=None, done=False)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
-    body = {"model": srv.base_name, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0, "stream": True}
+    body = {
+        "model": srv.base_name,
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
@@ -110,7 +119,9 @@ def test_a_signal_to_the_process_group_drains_in_flight_streams(tiny_base, tmp_p
         assert srv.wait(120) == 0, srv.tail()
         assert "error" not in grpc_out and grpc_out["finish"] == "length" and grpc_out["tokens"] == MAX_TOKENS, grpc_out
         assert "error" not in http_out and http_out["finish"] == "length" and http_out["done"], http_out
-        assert min(grpc_out["last_at"], http_out["last_at"]) > signalled_at, "the streams should still have been running at the signal"
+        assert min(grpc_out["last_at"], http_out["last_at"]) > signalled_at, (
+            "the streams should still have been running at the signal"
+        )
         assert "deltaserve: stopped" in srv.stdout
         _assert_none_left(children)
     finally:
@@ -125,7 +136,9 @@ def test_a_second_signal_stops_at_once(tiny_base, tmp_path):
         threads = _start_streams(srv, [(_grpc_stream, out) for out in outs])
         os.killpg(srv.pid, signal.SIGTERM)
         time.sleep(0.5)
-        assert any(out["finish"] is None and "error" not in out for out in outs), f"every stream ended before the second signal: {outs}"
+        assert any(out["finish"] is None and "error" not in out for out in outs), (
+            f"every stream ended before the second signal: {outs}"
+        )
         second_at = time.monotonic()
         os.killpg(srv.pid, signal.SIGINT)
         srv.wait(60)
@@ -133,7 +146,9 @@ def test_a_second_signal_stops_at_once(tiny_base, tmp_path):
         for t in threads:
             t.join(30)
         assert stopped_in < 15, f"the server took {stopped_in:.1f} s to stop after the second signal"
-        assert any(out["finish"] != "length" for out in outs), f"every stream finished: the server drained instead of stopping: {outs}"
+        assert any(out["finish"] != "length" for out in outs), (
+            f"every stream finished: the server drained instead of stopping: {outs}"
+        )
         _assert_none_left(children)
     finally:
         srv.stop()
@@ -150,7 +165,9 @@ def test_the_engine_processes_die_with_the_server(tiny_base, tmp_path):
     try:
         assert not leftover.exists()
         children = _engine_processes(srv)
-        os.kill(srv.pid, signal.SIGKILL)  # the server alone; not ServerProcess.kill, whose group kill would hide orphans
+        os.kill(
+            srv.pid, signal.SIGKILL
+        )  # the server alone; not ServerProcess.kill, whose group kill would hide orphans
         srv.proc.wait(60)
         _assert_none_left(children)
     finally:
