@@ -114,7 +114,14 @@ class _Body(BaseModel):
         return None
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        options = self.stream_options or {}
+        unknown = sorted(set(options) - {"include_usage"})
+        if unknown:
+            raise InvalidRequestError(f"`stream_options` has unsupported fields: {unknown}")
+        value = options.get("include_usage", False)
+        if not isinstance(value, bool):
+            raise InvalidRequestError("`stream_options.include_usage` must be true or false")
+        return value
 
     def check_unsupported(self, *fields: str) -> None:
         extra = self.model_extra or {}
@@ -188,7 +195,10 @@ def _chat_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
-                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                    text = part.get("text", "")
+                    if not isinstance(text, str):
+                        raise InvalidRequestError(f"`messages[{i}].content[{j}].text` must be a string")
+                    parts.append({"type": "text", "text": text})
                 elif kind == "image_url":
                     if image is not None:
                         raise InvalidRequestError("at most one image per request")
@@ -567,6 +577,7 @@ def create_app(service: DeltaService) -> FastAPI:
 
     async def _respond(req: InferenceRequest, body: _Body, request: Request, *, chat: bool):
         """Run ``req`` and answer in OpenAI's shape: one JSON object, or server-sent events when ``stream``."""
+        include_usage = body.include_usage()  # refuses bad stream_options before anything runs
         generation = await service.submit(req)
         routed = generation.routed
         events = _while_connected(request, aiter(generation), stream=body.stream)
@@ -580,7 +591,7 @@ def create_app(service: DeltaService) -> FastAPI:
         headers = {"x-deltaserve-expert": routed.expert, "x-request-id": routed.request_id}
         if body.stream:
             return StreamingResponse(
-                _stream(routed, events, head, generation.n, chat=chat, include_usage=body.include_usage()),
+                _stream(routed, events, head, generation.n, chat=chat, include_usage=include_usage),
                 media_type="text/event-stream",
                 headers=headers,
             )

@@ -126,6 +126,10 @@ def decode_image(data: bytes, config: ServeConfig):
         Image.DecompressionBombError,
         Image.DecompressionBombWarning,
     ) as exc:
+        if isinstance(exc, UnidentifiedImageError):  # PIL's message names its in-memory buffer object
+            raise InvalidRequestError(
+                "`image` is not an image format the server reads (PNG, JPEG, WebP, GIF, BMP…)"
+            ) from None
         raise InvalidRequestError(f"`image` could not be decoded: {exc}") from None
 
 

@@ -292,3 +292,30 @@ def test_the_fuzzed_service_state_is_untouched(service):
     """Nothing above registered, unregistered or left anything in flight."""
     assert service.registry.names() == [TASK] and service.inflight == 0
     assert list(Path(service.registry.store, "staging").iterdir()) == []
+
+
+def test_refusals_name_the_field_not_server_objects(service):
+    """An undecodable image, a non-string text part and bad ``stream_options`` are 400s that say what is wrong
+    (before: PIL's "<_io.BytesIO object at 0x…>", a text object turned into its repr, ``include_usage: [1]`` taken as true)."""
+    from deltaserve.server.http_api import ChatBody, _chat_messages
+    from deltaserve.server.requests import decode_image
+
+    with pytest.raises(InvalidRequestError) as exc:
+        decode_image(b"not an image at all", service.config)
+    assert "`image`" in str(exc.value) and "BytesIO" not in str(exc.value) and "0x" not in str(exc.value)
+    with pytest.raises(InvalidRequestError, match=r"content\[0\]\.text` must be a string"):
+        _chat_messages([{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}])
+    for options, problem in (
+        ({"include_usage": [1]}, "true or false"),
+        ({"include_usage": "yes"}, "true or false"),
+        ({"x": 1}, "unsupported"),
+    ):
+        body = ChatBody(model="base", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options=options)
+        with pytest.raises(InvalidRequestError, match=problem):
+            body.include_usage()
+    assert (
+        ChatBody(
+            model="base", messages=[{"role": "user", "content": "hi"}], stream_options={"include_usage": True}
+        ).include_usage()
+        is True
+    )
