@@ -27,14 +27,22 @@ class DeltaWorkerExtension:
         """Prepare (not activate) the patch of an exclusive delta. Returns a summary."""
         from deltaserve.server import worker_patches as wp
 
-        model = self.model_runner.model
-        if kind == "sparse":
-            patch = wp.build_sparse_patch(model, self.model_runner.model_config.model, bundle_dir, config)
-        elif kind == "bottleneck":
-            patch = wp.build_bottleneck_patch(model, bundle_dir, config)
-        else:
+        if kind not in ("sparse", "bottleneck"):
             raise ValueError(f"no exclusive engine binding for kind `{kind}`")
-        self._ds_states().stage(state, patch)
+        model, states = self.model_runner.model, self._ds_states()
+        # Patches are built from the live model: build them in the base state, or a bottleneck would wrap another
+        # state's patched layer and a sparse delta would start from another's weights (bench/soak.py found wrong
+        # outputs that way). The RPC runs between forward passes, so no request sees the detour.
+        previous = states.current
+        states.activate(states.BASE)
+        try:
+            if kind == "sparse":
+                patch = wp.build_sparse_patch(model, self.model_runner.model_config.model, bundle_dir, config)
+            else:
+                patch = wp.build_bottleneck_patch(model, bundle_dir, config)
+            states.stage(state, patch)
+        finally:
+            states.activate(previous)
         return patch.summary
 
     def ds_activate(self, state: str) -> float:

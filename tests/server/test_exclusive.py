@@ -118,6 +118,34 @@ def test_sparse_and_bottleneck_match_plugin_reference(registered, refs, sample_i
                 assert out.routing.expert == _expert(registered, task)
 
 
+def test_a_delta_staged_while_another_state_is_active_is_built_from_the_base(registered, bundles, refs, sample_images):
+    """Re-register the bottleneck (its down_proj layers overlap the sparse delta's) while the engine sits in the
+    sparse state: it must still answer exactly as its reference. Before the fix the adapter wrapped the sparse
+    state's patched layer (bench/soak.py: 29 wrong bottleneck answers in 10 minutes of churn)."""
+    from deltaserve.client.sync import DeltaClient
+
+    image, prompt = png_bytes(sample_images[0]), image_prompt(PROMPTS[0])
+    with DeltaClient(registered.grpc, admin_token=ADMIN_TOKEN) as client:
+        assert (
+            client.generate(prompt, image=image, task=SPARSE, max_tokens=MAX_TOKENS, temperature=0).token_ids
+            == refs[SPARSE][0]
+        )
+        assert _http_json(registered, "/v1/engine")["state"].startswith(SPARSE)  # the engine stays in the sparse state
+        client.unregister(BOTTLENECK)
+        client.register(bundles[BOTTLENECK])
+        for i, q in enumerate(PROMPTS):
+            out = client.generate(
+                image_prompt(q),
+                image=png_bytes(sample_images[i]),
+                task=BOTTLENECK,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+            )
+            assert out.token_ids == refs[BOTTLENECK][i], f"prompt {i}"
+        base = client.generate(prompt, image=image, task=registered.base_name, max_tokens=MAX_TOKENS, temperature=0)
+        assert base.token_ids == refs["base"][0]  # the base is untouched, and the engine leaves in the base state
+
+
 def test_alternating_switches_restore_the_base_exactly(registered, refs, sample_images):
     from deltaserve.client.sync import DeltaClient
 
