@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -171,8 +172,8 @@ def main() -> None:
             rss_end = tree_rss(srv.pid)
     finally:
         srv.stop()
-    failures = {k: v for k, v in counts.items() if k.startswith(("failure", "bad request:", "churn failure"))}
-    failures.update({k: v for k, v in counts.items() if k == "bad request accepted"})
+    failure_kinds = ("failure", "bad request:", "bad request accepted", "churn failure")
+    failures = {k: v for k, v in counts.items() if k.startswith(failure_kinds)}
     result = {
         "command": " ".join(["bench/soak.py", *sys.argv[1:]]),
         "base": base_note,
@@ -190,7 +191,7 @@ def main() -> None:
         "rss_mib_end": rss_end,
         "store_bytes": dir_bytes(store / "deltas"),
         "staging_entries": len(list((store / "staging").iterdir())),
-        "loadavg_at_end": [round(x, 2) for x in __import__("os").getloadavg()],
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(result, indent=2))
     if args.out:
