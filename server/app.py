@@ -118,12 +118,17 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         interrupt = asyncio.ensure_future(at_once.wait())
         await asyncio.wait({drain, interrupt}, return_when=asyncio.FIRST_COMPLETED)
         interrupt.cancel()
+        drained = drain.done() and drain.result()
         if not drain.done():
             drain.cancel()
             log.warning("second signal: aborting the remaining requests")
-        elif not drain.result():
+        elif not drained:
             log.warning("grace period over: aborting the remaining requests")
-        await grpc_front.stop(grace=0.5)
+        # Drained: a short grace lets the last answers flush. Not drained: cancel the remaining calls now (a
+        # cancelled call aborts its request in the engine); a grace here let streams run on and finish.
+        await grpc_front.stop(grace=0.5 if drained else 0)
+        if not drained:
+            http.config.timeout_graceful_shutdown = 0
         http.should_exit = True
         await http_task
         await service.close()
