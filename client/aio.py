@@ -14,7 +14,7 @@ from deltaserve.client.common import (
     CHANNEL_OPTIONS,
     DEFAULT_SERVER,
     Generation,
-    bundle_files,
+    register_chunks,
     client_error,
     generate_request,
     metadata,
@@ -48,8 +48,8 @@ class AsyncDeltaClient:
 
     async def register(self, bundle_dir, name: str | None = None) -> pb.DeltaInfo:
         try:
-            return await self.registry.Register(
-                pb.RegisterRequest(files=bundle_files(bundle_dir), name=name or ""),
+            return await self.registry.RegisterStream(
+                register_chunks(bundle_dir, name),
                 timeout=self.timeout,
                 metadata=metadata(self.admin_token),
             )

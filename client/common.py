@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,18 +133,37 @@ def generate_request(
     )
 
 
-def bundle_files(bundle_dir: str | os.PathLike) -> list[pb.BundleFile]:
-    """Every regular file of a bundle (or PEFT adapter) directory, with POSIX relative paths."""
+UPLOAD_PIECE_BYTES = 1 << 20
+"""``RegisterStream`` messages carry at most this much of a file."""
+
+
+def register_chunks(bundle_dir: str | os.PathLike, name: str | None = None) -> Iterator[pb.RegisterChunk]:
+    """The ``RegisterStream`` messages for every regular file of a bundle (or PEFT adapter) directory, with POSIX
+    relative paths; files are read piece by piece as the messages are sent. Refuses symlinks before sending any."""
     root = Path(bundle_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
-    files = []
+    paths = []
     for path in sorted(root.rglob("*")):
         if path.is_symlink():
             raise ValueError(f"{path}: symlinks are not uploaded")
         if path.is_file():
-            files.append(pb.BundleFile(path=path.relative_to(root).as_posix(), data=path.read_bytes()))
-    return files
+            paths.append(path)
+
+    def chunks():
+        first = True
+        for path in paths:
+            rel = path.relative_to(root).as_posix()
+            with open(path, "rb") as f:
+                data = f.read(UPLOAD_PIECE_BYTES)
+                while True:
+                    yield pb.RegisterChunk(path=rel, data=data, name=(name or "") if first else "")
+                    first = False
+                    data = f.read(UPLOAD_PIECE_BYTES)
+                    if not data:
+                        break
+
+    return chunks()
 
 
 def metadata(admin_token: str | None) -> list[tuple[str, str]] | None:

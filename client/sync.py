@@ -17,7 +17,7 @@ from deltaserve.client.common import (
     DEFAULT_SERVER,
     Generation,
     Routing,
-    bundle_files,
+    register_chunks,
     client_error,
     generate_request,
     metadata,
@@ -57,8 +57,8 @@ class DeltaClient:
 
     def register(self, bundle_dir, name: str | None = None) -> pb.DeltaInfo:
         try:
-            return self.registry.Register(
-                pb.RegisterRequest(files=bundle_files(bundle_dir), name=name or ""),
+            return self.registry.RegisterStream(
+                register_chunks(bundle_dir, name),
                 timeout=self.timeout,
                 metadata=metadata(self.admin_token),
             )

@@ -42,7 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from deltaserve.plugins.errors import DeltaServeError
 from deltaserve.plugins.registry import get_kind
@@ -51,6 +51,7 @@ from deltaserve.server.registry import LiveDelta
 from deltaserve.server.requests import InferenceRequest, SamplingFields
 from deltaserve.server.engine import Chunk, TokenLogprob
 from deltaserve.server.service import AUTO, DeltaService, Routed
+from deltaserve.server.upload_body import body_limit, parse_upload
 
 # ---- request bodies -----------------------------------------------------------------
 
@@ -152,16 +153,6 @@ class ChatBody(_Body):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class RegisterBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = None
-    files: dict[str, str] | None = None
-    """Bundle files: relative path → base64 content."""
-    path: str | None = None
-    """Alternatively a bundle directory on the server's file system."""
-
-
 # ---- helpers ------------------------------------------------------------------------
 
 
@@ -217,42 +208,6 @@ def _chat_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
             raise InvalidRequestError(f"`messages[{i}].content` must be a string or a list of parts")
         out.append({"role": message.get("role"), "content": content})
     return out, image
-
-
-def _decode_files(files: dict[str, str]) -> list[tuple[str, bytes]]:
-    out = []
-    for rel, data in files.items():
-        try:
-            out.append((rel, base64.b64decode(data, validate=True)))
-        except (binascii.Error, ValueError):
-            raise InvalidRequestError(f"`files.{ascii(rel)[1:-1][:80]}` is not valid base64") from None
-    return out
-
-
-def _register_body(raw: bytes) -> RegisterBody:
-    """``POST /v1/deltas``'s body, validated, with no key given twice (CPU-bound: call it off the event loop)."""
-    try:
-        body = RegisterBody.model_validate_json(raw)
-    except ValidationError as exc:  # answered like FastAPI's own body validation
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-    if body.files is not None and (duplicated := _duplicate_keys(raw)):
-        raise InvalidRequestError(
-            f"the body names {', '.join(f'`{k}`' for k in duplicated)} more than once (in `files`: one entry per path)"
-        )
-    return body
-
-
-def _duplicate_keys(raw: bytes) -> list[str]:
-    """Keys given twice in one object of a JSON body (JSON allows it; the last would silently win)."""
-    found: list[str] = []
-
-    def pairs(items):
-        keys = [k for k, _ in items]
-        found.extend(sorted({k for k in keys if keys.count(k) > 1}))
-        return dict(items)
-
-    json.loads(raw, object_pairs_hook=pairs)
-    return found
 
 
 def _routing_json(routed: Routed) -> dict:
@@ -631,15 +586,15 @@ def create_app(service: DeltaService) -> FastAPI:
     async def register_delta(request: Request):
         token = _bearer(request)
         service.check_admin(token)  # before decoding a possibly large body
-        # Parsed here, off the event loop, not by FastAPI: a body may be as large as the bundle limit (seconds of CPU).
-        body = await asyncio.to_thread(_register_body, await request.body())
-        if (body.files is None) == (body.path is None):
-            raise InvalidRequestError("give exactly one of `files` (path → base64) or `path`")
-        if body.name is not None and not body.name.strip():
-            raise InvalidRequestError("`name` must not be empty (omit it to use the bundle's own name)")
+        # Parsed here, not by FastAPI: a body may be as large as the bundle limit (a second of CPU per 150 MiB).
+        length = request.headers.get("content-length")
+        body = await parse_upload(
+            request.stream(),
+            length=int(length) if length and length.isdigit() else None,
+            max_bytes=body_limit(service.upload_limits.max_bytes),
+        )
         if body.files is not None:
-            files = await asyncio.to_thread(_decode_files, body.files)
-            delta = await service.register(token=token, files=files, name=body.name)
+            delta = await service.register(token=token, files=body.files, name=body.name)
         else:
             from pathlib import Path
 
