@@ -161,7 +161,10 @@ def main() -> None:
             t0 = time.perf_counter()
             for th in threads:
                 th.start()
-            time.sleep(args.minutes * 60)
+            rss_series = [(0.0, rss_start)]  # a leak grows steadily; a warm-up levels off
+            while (left := args.minutes * 60 - (time.perf_counter() - t0)) > 0:
+                time.sleep(min(60.0, left))
+                rss_series.append((round(time.perf_counter() - t0), tree_rss(srv.pid)))
             stop.set()
             for th in threads:
                 th.join()
@@ -189,6 +192,7 @@ def main() -> None:
         "latency_ms": {f"p{q}": round(1e3 * percentile(latencies, q), 1) for q in (50, 90, 99)} if latencies else {},
         "rss_mib_start": rss_start,
         "rss_mib_end": rss_end,
+        "rss_mib_during": [{"s": t, **rss} for t, rss in rss_series],
         "store_bytes": dir_bytes(store / "deltas"),
         "staging_entries": len(list((store / "staging").iterdir())),
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -205,6 +209,10 @@ def report(r: dict) -> str:
     starts, ends = r["rss_mib_start"], r["rss_mib_end"]
     rss = "\n".join(f"| {p} | {starts[p]} | {ends.get(p, 'gone')} |" for p in starts)
     rss += "".join(f"\n| {p} (new) | — | {ends[p]} |" for p in ends if p not in starts)
+    procs = list(starts)
+    during = "\n".join(
+        f"| {row['s']} | " + " | ".join(str(row.get(p, "gone")) for p in procs) + " |" for row in r["rss_mib_during"]
+    )
     lat = r["latency_ms"]
     return f"""# Soak
 
@@ -230,6 +238,12 @@ bottleneck delta; one delta unregistered and registered again every few seconds.
 | process | start | end |
 |---|---:|---:|
 {rss}
+
+During the run (every minute, under load; the end figures above are taken after the load stopped):
+
+| s | {" | ".join(procs)} |
+|---:|{"---:|" * len(procs)}
+{during}
 """
 
 
