@@ -135,9 +135,9 @@ async def parse_upload(chunks: AsyncIterable[bytes], *, length: int | None, max_
     return Upload(answer["name"], answer["path"], files if answer["files"] is not None else None)
 
 
-def _too_large(size: int, max_bytes: int) -> ResourceExhaustedError:
+def _too_large(size: int, max_bytes: int, *, so_far: bool = False) -> ResourceExhaustedError:
     return ResourceExhaustedError(
-        f"the request body is {'more than ' if size > max_bytes else ''}{size} bytes; the server takes at most "
+        f"the request body is {'at least ' if so_far else ''}{size} bytes; the server takes at most "
         f"{max_bytes} (its bundle limit, base64-encoded)"
     )
 
@@ -162,7 +162,7 @@ async def _feed(stdin: asyncio.StreamWriter, chunks: AsyncIterable[bytes], max_b
     async for chunk in chunks:
         total += len(chunk)
         if total > max_bytes:
-            raise _too_large(total, max_bytes)
+            raise _too_large(total, max_bytes, so_far=True)
         view = memoryview(chunk)
         for start in range(0, len(view), _STEP):
             stdin.write(view[start : start + _STEP])

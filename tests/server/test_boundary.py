@@ -444,3 +444,26 @@ def test_health_answers_quickly_while_a_large_upload_and_a_long_prompt_are_proce
     print(f"/health: {len(latencies)} probes, max {max(latencies) * 1000:.0f} ms; {results}")
     assert results == {"upload": 400, "prompt": 400, "grpc": "INVALID_ARGUMENT"}, results
     assert len(latencies) >= 5 and max(latencies) < 0.1, sorted(latencies)[-5:]
+
+
+def test_an_upload_body_past_the_limit_is_refused_before_it_is_read(server):
+    """A declared Content-Length beyond what the bundle limit allows is answered at once: nothing is read or kept
+    (before, the whole body was read into memory and parsed first)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(server.http)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.putrequest("POST", "/v1/deltas")
+    for key, value in (
+        ("Content-Type", "application/json"),
+        ("Authorization", f"Bearer {ADMIN_TOKEN}"),
+        ("Content-Length", str(10 << 30)),  # 10 GiB announced, a few bytes sent
+    ):
+        conn.putheader(key, value)
+    conn.endheaders(b'{"files": {')
+    resp = conn.getresponse()
+    payload = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 429 and "the server takes at most" in payload["error"]["message"], payload
+    _still_serves(server)
