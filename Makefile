@@ -1,6 +1,6 @@
 # deltaserve — every target does its own set-up: `make test` and `make demo` work on a fresh clone.
 #
-#   make test    create .venv, install pinned deps, generate gRPC stubs, lint (ruff), run the test suite
+#   make test    create .venv, install pinned deps, generate gRPC stubs, lint (ruff), Debian's prometheus, run the tests
 #   make lint    ruff check + ruff format --check
 #   make demo    the main job on the embedded default tiny base (see README)
 #   make bench-serving / bench-tuning   the benchmarks (figures, not pass/fail)
@@ -22,7 +22,7 @@ PROTO_SRC := $(wildcard protos/deltaserve/v1/*.proto)
 PROTO_OUT := protos/deltaserve/v1/deltaserve_pb2.py
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
-.PHONY: install protos lint test demo bench-serving bench-tuning clean
+.PHONY: install protos lint system-deps test demo bench-serving bench-tuning clean
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -46,7 +46,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install lint
+# Debian's prometheus + promtool: tests/server/test_prometheus.py runs a real one against a test server.
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: install lint system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: install
