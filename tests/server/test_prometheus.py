@@ -1,6 +1,7 @@
 """A real Prometheus (Debian's package, installed by ``make test``) scrapes a running server with the shipped rules
 (``deploy/prometheus/deltaserve-rules.yml``); per-task request rate, TTFT quantiles, routing shares and resident
-deltas are then read back through Prometheus's HTTP API, as a dashboard would."""
+deltas are then read back through Prometheus's HTTP API, and every query of the Grafana dashboard
+(``deploy/grafana/deltaserve-dashboard.json``) runs against it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "deltaserve-rules.yml"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+RULES = DEPLOY / "prometheus" / "deltaserve-rules.yml"
+DASHBOARD = DEPLOY / "grafana" / "deltaserve-dashboard.json"
 
 
 def _free_port() -> int:
@@ -99,6 +102,14 @@ def test_prometheus_scrapes_the_server_and_the_rules_give_per_task_figures(serve
         resident = _until(prom, "deltaserve:registered_deltas")
         assert float(resident[0]["value"][1]) == registered, (resident, registered)
         assert not _query(prom, 'ALERTS{alertname="DeltaserveDown"}')
+
+        # Every query of the shipped Grafana dashboard runs; the deltaserve panels the traffic above feeds show data.
+        dashboard = json.loads(DASHBOARD.read_text())
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+        results = {expr: _query(prom, expr) for expr in exprs}
+        fed = ("requests:rate1m", "generated_tokens", "ttft_seconds", "latency_seconds", "routing_share", "registered")
+        empty = [e for e, r in results.items() if any(f in e for f in fed) and 'outcome="error"' not in e and not r]
+        assert not empty, empty
     finally:
         proc.terminate()
         try:
@@ -106,3 +117,17 @@ def test_prometheus_scrapes_the_server_and_the_rules_give_per_task_figures(serve
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail("prometheus did not stop on SIGTERM")
+
+
+def test_the_kubernetes_example_scrapes_the_port_the_server_serves_metrics_on():
+    import yaml
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "deltaserve.yaml").read_text())}
+    assert set(docs) == {"Deployment", "PersistentVolumeClaim", "Service", "ServiceMonitor"}
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 50051}  # the Dockerfile's CMD
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    (endpoint,) = docs["ServiceMonitor"]["spec"]["endpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in docs["Service"]["spec"]["ports"]}
