@@ -101,7 +101,12 @@ async def _run_engine(base: Path, *, lora: bool, exclusive: bool, args, images, 
 
             bundle = read_bundle(sparse_bundle, BaseSpec.from_dir(base))
             out["staged"] = await engine.worker_call(
-                "ds_stage", "bench@0", "sparse", str(sparse_bundle), bundle.manifest.config
+                "ds_stage",
+                "bench@0",
+                "sparse",
+                str(sparse_bundle),
+                bundle.manifest.config,
+                0,  # 0: an exclusive state
             )
         await _throughput(engine, 2 * args.concurrency, args.concurrency, args.max_tokens, images)  # warm-up
         runs = [

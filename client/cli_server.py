@@ -72,7 +72,18 @@ def _fail(exc: DeltaClientError) -> None:
 )
 @click.option("--enforce-eager", is_flag=True, help="Disable torch.compile in vLLM.")
 @click.option("--no-lora", is_flag=True, help="Serve without multi-LoRA (then vLLM compiles the decoder on CPU).")
-@click.option("--no-exclusive", is_flag=True, help="Do not load the worker extension for sparse/bottleneck deltas.")
+@click.option(
+    "--no-exclusive",
+    is_flag=True,
+    help="Do not load the worker extension (no sparse, bottleneck or other plan deltas).",
+)
+@click.option(
+    "--concurrent-delta-budget",
+    type=float,
+    default=256,
+    show_default=True,
+    help="MiB a plan delta may hold in the engine and still share the batch; larger ones get an exclusive state.",
+)
 @click.option(
     "--router",
     default="auto",
@@ -126,6 +137,7 @@ def serve(
     enforce_eager,
     no_lora,
     no_exclusive,
+    concurrent_delta_budget,
     router,
     router_opt,
     max_state_wait,
@@ -167,6 +179,7 @@ def serve(
         enforce_eager=enforce_eager,
         seed=seed,
         exclusive_deltas=not no_exclusive,
+        concurrent_delta_budget_bytes=int(concurrent_delta_budget * 1024 * 1024),
     )
     config = ServeConfig(
         engine=engine,

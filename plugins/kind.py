@@ -12,12 +12,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from deltaserve.plugins.base_spec import BaseSpec
     from deltaserve.plugins.bundle import Bundle
+    from deltaserve.plugins.serving import ServingPlan
 
-BINDINGS = ("concurrent", "exclusive")
+ENGINES = ("plan", "vllm_lora")
+"""How the serving engine applies a kind: through its :meth:`DeltaKind.serving_plan` (deltaserve's
+per-token machinery), or as a PEFT LoRA directory loaded by vLLM's own multi-LoRA."""
 
 
 class AppliedDelta:
@@ -58,9 +63,10 @@ class DeltaKind(ABC):
     Contract:
 
     - ``name``: registry name, ``[a-z][a-z0-9_]{0,31}``; bundles name it in ``delta.json`` ``kind``.
-    - ``binding``: how the serving engine binds it — ``"concurrent"`` (rides in the same
-      batch as base traffic, like vLLM multi-LoRA) or ``"exclusive"`` (the engine must
-      switch into the delta's state and back).
+    - ``engine``: how the serving engine applies it — ``"plan"`` (default: the kind's
+      :meth:`serving_plan`, served in the shared batch or, by policy, as an exclusive
+      engine state) or ``"vllm_lora"`` (the bundle holds a PEFT LoRA directory that
+      vLLM's multi-LoRA loads; :meth:`lora_dir` names it).
     - Kinds are stateless and constructed without arguments.
     - :meth:`validate` returns kind-specific problems; the bundle reader has already
       checked everything generic (manifest schema, file list, hashes, safetensors
@@ -70,7 +76,7 @@ class DeltaKind(ABC):
     """
 
     name: ClassVar[str]
-    binding: ClassVar[str]
+    engine: ClassVar[str] = "plan"
 
     @abstractmethod
     def validate(self, bundle: Bundle, base: BaseSpec | None) -> list[str]:
@@ -80,3 +86,21 @@ class DeltaKind(ABC):
     @abstractmethod
     def apply(self, model: torch.nn.Module, bundle: Bundle) -> AppliedDelta:
         """Apply the (validated) delta to a transformers ``LlavaForConditionalGeneration`` in place."""
+
+    def serving_plan(self, bundle_dir: Path, config: dict) -> ServingPlan:
+        """What the serving engine computes for a (validated, stored) bundle of this kind; see
+        :mod:`deltaserve.plugins.serving`. Runs in vLLM's worker process."""
+        raise NotImplementedError(f"kind `{self.name}` declares no serving plan")
+
+    def recognises(self, directory: Path) -> bool:
+        """True when ``directory`` — not a deltaserve bundle — is another tool's output this kind imports
+        (the ``lora`` kind: a plain PEFT adapter directory). ``deltaserve register`` accepts such directories."""
+        return False
+
+    def import_directory(self, src: Path, out: Path, *, name: str, base: BaseSpec) -> Path:
+        """Write a bundle of this kind at ``out`` from a directory :meth:`recognises` accepted."""
+        raise NotImplementedError(f"kind `{self.name}` imports no foreign directory")
+
+    def lora_dir(self, bundle_dir: Path) -> Path:
+        """``engine == "vllm_lora"`` kinds: the PEFT adapter directory vLLM loads."""
+        raise NotImplementedError(f"kind `{self.name}` is not served by vLLM's LoRA")

@@ -20,7 +20,7 @@ import warnings
 from importlib.metadata import entry_points
 
 from deltaserve.plugins.errors import KindRegistryError
-from deltaserve.plugins.kind import BINDINGS, DeltaKind
+from deltaserve.plugins.kind import ENGINES, DeltaKind
 
 ENTRY_POINT_GROUP = "deltaserve.plugins"
 KIND_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -41,9 +41,9 @@ def _check(cls: object, name: str | None = None) -> str:
         raise KindRegistryError(f"kind name {kind_name!r} of {cls.__qualname__} must match {KIND_NAME_RE.pattern}")
     if name is not None and name != kind_name:
         raise KindRegistryError(f"entry point `{name}` loads kind `{kind_name}`: the names must be equal")
-    if getattr(cls, "binding", None) not in BINDINGS:
+    if getattr(cls, "engine", None) not in ENGINES:
         raise KindRegistryError(
-            f"kind `{kind_name}` has binding {getattr(cls, 'binding', None)!r}; expected one of {BINDINGS}"
+            f"kind `{kind_name}` has engine {getattr(cls, 'engine', None)!r}; expected one of {ENGINES}"
         )
     return kind_name
 

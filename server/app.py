@@ -24,7 +24,7 @@ import uvicorn
 
 from deltaserve.server.config import ServeConfig
 from deltaserve.server.engine import Engine
-from deltaserve.server.exclusive import ExclusiveStates
+from deltaserve.server.bindings import WorkerDeltas
 from deltaserve.server.grpc_api import GrpcFrontEnd
 from deltaserve.server.http_api import create_app
 from deltaserve.server.registry import DeltaRegistry, _write_atomic
@@ -76,11 +76,13 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
     config.store.mkdir(parents=True, exist_ok=True)
     engine = await Engine.start(config.engine)
     engine_seconds = time.perf_counter() - started
-    exclusive = ExclusiveStates(engine) if config.engine.exclusive_deltas else None
-    registry = DeltaRegistry(
-        config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes, exclusive=exclusive
+    worker = (
+        WorkerDeltas(engine, config.engine.concurrent_delta_budget_bytes) if config.engine.exclusive_deltas else None
     )
-    service = DeltaService(config, engine, registry, exclusive)
+    registry = DeltaRegistry(
+        config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes, worker=worker
+    )
+    service = DeltaService(config, engine, registry, worker)
     problems = await service.start()
     for problem in problems:
         log.error("not restored: %s", problem)

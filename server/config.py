@@ -44,7 +44,11 @@ class EngineConfig:
     seed: int = 0
     """Seed of vLLM's samplers (sampling requests without their own seed)."""
     exclusive_deltas: bool = True
-    """Load deltaserve's worker extension, which serves sparse/bottleneck deltas by switching engine states."""
+    """Load deltaserve's worker extension, which serves plan kinds (sparse, bottleneck, …): in the shared
+    batch, or as exclusive engine states."""
+    concurrent_delta_budget_bytes: int = 256 * MiB
+    """Largest resident size (updated weights, adapters) of a plan delta served in the shared batch; a
+    larger one is served as an exclusive engine state (0: every plan delta exclusive)."""
     disable_log_stats: bool = False
     """vLLM's own Prometheus metrics need stats on."""
 

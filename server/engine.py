@@ -64,9 +64,12 @@ class GenerationInput:
     stream: bool = True
     """Chunks per engine step (vLLM's DELTA outputs); False: one final chunk per choice (FINAL_ONLY)."""
     cache_salt: str | None = None
-    """Engine state the request runs in, when it is not the base state. Salts vLLM's prefix
-    cache (KV blocks) and keys the image's encoder-cache entry, so that cached work computed
-    with other weights is never reused (LoRA requests are keyed by adapter by vLLM itself)."""
+    """The delta version of a plan delta's request. Salts vLLM's prefix cache (KV blocks) and keys
+    the image's encoder-cache entry, so that cached work computed with other weights is never
+    reused (LoRA requests are keyed by adapter by vLLM itself)."""
+    delta_tag: str | None = None
+    """A concurrent plan delta's tag: the worker applies the delta to this request's rows only
+    (``SamplingParams.extra_args``, see :mod:`deltaserve.server.worker_deltas`)."""
 
 
 @dataclass
@@ -186,7 +189,7 @@ class Engine:
     async def generate(self, inp: GenerationInput) -> AsyncIterator[Chunk]:
         """Stream the request's output. Cancelling the iteration aborts the request in vLLM."""
         try:
-            params = self._params(inp.sampling, inp.stream)
+            params = self._params(inp.sampling, inp.stream, inp.delta_tag)
         except _refusals() as exc:  # vLLM's own checks of combinations deltaserve does not check itself
             raise InvalidRequestError(f"the engine refused the sampling parameters: {exc}") from None
         prompt: dict[str, Any] = {"prompt_token_ids": inp.prompt_token_ids}
@@ -222,9 +225,11 @@ class Engine:
             await outputs.aclose()  # aborts the request in vLLM if it is still running
 
     @staticmethod
-    def _params(sampling: Sampling, stream: bool = True):
+    def _params(sampling: Sampling, stream: bool = True, delta_tag: str | None = None):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
+
+        from deltaserve.server.worker_deltas import TAG_KEY
 
         return SamplingParams(
             max_tokens=sampling.max_tokens,
@@ -243,6 +248,7 @@ class Engine:
             logprobs=sampling.logprobs,
             structured_outputs=_structured(sampling),
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            extra_args={TAG_KEY: delta_tag} if delta_tag is not None else None,
         )
 
     # ---- LoRA (concurrent deltas) -------------------------------------------------------

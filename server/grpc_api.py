@@ -18,7 +18,6 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from deltaserve.plugins.errors import DeltaServeError
-from deltaserve.plugins.registry import get_kind
 from deltaserve.server.engine import TokenLogprob
 from deltaserve.server.errors import InvalidRequestError, client_message, status_of
 from deltaserve.server.registry import LiveDelta
@@ -113,7 +112,7 @@ def delta_info(delta: LiveDelta) -> pb.DeltaInfo:
         name=delta.name,
         kind=delta.kind,
         description=manifest.task.description,
-        binding=get_kind(delta.kind).binding,
+        binding=delta.binding.mode,
         base_fingerprint=manifest.base.fingerprint,
         content_digest=delta.digest,
         size_bytes=delta.size_bytes,

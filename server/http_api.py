@@ -45,7 +45,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltaserve.plugins.errors import DeltaServeError
-from deltaserve.plugins.registry import get_kind
 from deltaserve.server.errors import InvalidRequestError, client_message, status_of
 from deltaserve.server.registry import LiveDelta
 from deltaserve.server.requests import InferenceRequest, SamplingFields
@@ -376,7 +375,8 @@ def delta_json(delta: LiveDelta) -> dict:
     return {
         "name": delta.name,
         "kind": delta.kind,
-        "binding": get_kind(delta.kind).binding,
+        "binding": delta.binding.mode,
+        "serving": delta.binding.serving,
         "description": delta.manifest.task.description,
         "content_digest": delta.digest,
         "base_fingerprint": delta.manifest.base.fingerprint,

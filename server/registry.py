@@ -37,6 +37,7 @@ from deltaserve.plugins import env
 from deltaserve.plugins.base_spec import BaseSpec
 from deltaserve.plugins.bundle import MANIFEST_FILE, Bundle, Limits, content_digest, read_bundle
 from deltaserve.plugins.errors import BundleError
+from deltaserve.plugins.registry import kinds
 from deltaserve.plugins.manifest import path_set_problems, relpath_problem, task_name_problem
 from deltaserve.server import metrics
 from deltaserve.server.bindings import Binding, binding_for
@@ -68,6 +69,15 @@ class LiveDelta:
     @property
     def manifest(self):
         return self.bundle.manifest
+
+
+def _importer(directory: Path):
+    """The kind that imports ``directory`` (not a bundle), or None."""
+    for cls in kinds().values():
+        kind = cls()
+        if kind.recognises(directory):
+            return kind
+    return None
 
 
 async def _fault_point(point: str, task: str) -> None:
@@ -142,7 +152,7 @@ class DeltaRegistry:
         *,
         max_bundle_bytes: int,
         limits: Limits = Limits(),
-        exclusive=None,
+        worker=None,
         before_publish=None,
     ):
         self.store = Path(store)
@@ -151,8 +161,8 @@ class DeltaRegistry:
         visible; its slow work (e.g. retraining the router) happens there, and the returned
         synchronous ``commit()`` runs right before the set is published, with no await between —
         so no request ever sees a delta the router does not know, or the reverse."""
-        self.exclusive = exclusive
-        """:class:`~deltaserve.server.exclusive.ExclusiveStates`, or None without exclusive deltas."""
+        self.worker = worker
+        """:class:`~deltaserve.server.bindings.WorkerDeltas`, or None without the worker extension."""
         self.base = BaseSpec.from_dir(base_dir)
         self.engine = engine
         self.max_bundle_bytes = max_bundle_bytes
@@ -284,7 +294,7 @@ class DeltaRegistry:
         return staging
 
     async def register(self, source: Path, name: str | None = None, *, staged: bool = False) -> LiveDelta:
-        """Validate, store, bind and persist the bundle (or plain PEFT adapter) at ``source``.
+        """Validate, store, bind and persist the bundle (or a directory a kind imports, e.g. a plain PEFT adapter) at ``source``.
 
         ``staged``: ``source`` is already a private staging directory (an upload) that may be consumed.
         Re-registering a name with the same content is a no-op; with new content it replaces the
@@ -312,11 +322,14 @@ class DeltaRegistry:
                 raise InvalidRequestError(problem)  # an empty name too: never a made-up one
             if not staged:
                 await asyncio.to_thread(_copy_synced, source, staging, self.max_bundle_bytes)
-            if not (staging / MANIFEST_FILE).exists() and (staging / "adapter_config.json").exists():
+            importer = _importer(staging) if not (staging / MANIFEST_FILE).exists() else None
+            if importer is not None:  # another tool's output, e.g. a plain PEFT adapter directory
                 if name is None and staged:
-                    raise InvalidRequestError("`name` is required to register a plain PEFT adapter directory")
-                peft_dir, staging = staging, self.store / "staging" / uuid.uuid4().hex
-                await asyncio.to_thread(self._import_peft, peft_dir, staging, name or source.name)
+                    raise InvalidRequestError(
+                        f"`name` is required to register a directory that is not a bundle (a `{importer.name}` import)"
+                    )
+                foreign, staging = staging, self.store / "staging" / uuid.uuid4().hex
+                await asyncio.to_thread(self._import, importer, foreign, staging, name or source.name)
             return await self._store_and_bind(staging, name)
         except BundleError as exc:
             # Validation ran on a staging copy: name what the client sent, never the server's directories.
@@ -381,13 +394,11 @@ class DeltaRegistry:
         log.info("registered %s (%s, %s)", name, delta.kind, digest[:19])
         return delta
 
-    def _import_peft(self, peft_dir: Path, out: Path, name: str) -> None:
-        from deltaserve.plugins.lora import import_peft_adapter
-
+    def _import(self, importer, foreign: Path, out: Path, name: str) -> None:
         try:
-            import_peft_adapter(peft_dir, out, name=name, base=self.base)
+            importer.import_directory(foreign, out, name=name, base=self.base)
         finally:
-            shutil.rmtree(peft_dir, ignore_errors=True)
+            shutil.rmtree(foreign, ignore_errors=True)
 
     async def _bind_stored(
         self, name: str, path: Path, registered_at: float, bundle: Bundle | None = None, digest: str | None = None
@@ -398,7 +409,7 @@ class DeltaRegistry:
         if digest is None:
             digest = await asyncio.to_thread(content_digest, path)
         binding = binding_for(
-            bundle.manifest.kind, name, digest, path, exclusive=self.exclusive, config=bundle.manifest.config
+            bundle.manifest.kind, name, digest, path, worker=self.worker, config=bundle.manifest.config
         )
         await binding.bind(self.engine)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -452,7 +463,7 @@ class DeltaRegistry:
         counts: dict[str, int] = {}
         for d in self._live.values():
             counts[d.kind] = counts.get(d.kind, 0) + 1
-        for kind in set(counts) | {"lora", "sparse", "bottleneck"}:
+        for kind in set(counts) | set(kinds()):
             metrics.DELTAS.labels(kind).set(counts.get(kind, 0))
 
     async def close(self) -> None:

@@ -107,16 +107,16 @@ class UploadLimits:
 
 
 class DeltaService:
-    def __init__(self, config: ServeConfig, engine: Engine, registry: DeltaRegistry, exclusive=None):
+    def __init__(self, config: ServeConfig, engine: Engine, registry: DeltaRegistry, worker=None):
         self.config = config
         self.engine = engine
         self.registry = registry
-        self.exclusive = exclusive
-        """:class:`~deltaserve.server.exclusive.ExclusiveStates` when the worker extension is loaded."""
-        switch = exclusive.switch if exclusive is not None else _base_only_switch
+        self.worker = worker
+        """:class:`~deltaserve.server.bindings.WorkerDeltas` when the worker extension is loaded."""
+        switch = worker.switch if worker is not None else _base_only_switch
         self.scheduler = StateScheduler(switch, SchedulerConfig(**_scheduler_options(config.extra)))
-        if exclusive is not None:
-            exclusive.on_unstaged = self.scheduler.state_removed
+        if worker is not None:
+            worker.on_unstaged = self.scheduler.state_removed
         self.explicit_router = ExplicitRouter()
         self.auto_router: Router = load_router(
             config.router, _router_options(config.extra), engine=engine, base_dir=config.engine.model
@@ -160,7 +160,8 @@ class DeltaService:
                         prep.image,
                         binding.lora_request() if binding else None,
                         stream=req.stream,
-                        cache_salt=None if state == BASE_STATE else state,
+                        cache_salt=binding.salt if binding else None,
+                        delta_tag=binding.tag if binding else None,
                     )
                     # aclosing: a closed request (client gone) aborts in the engine at once, not when the GC finds the iterator
                     async with contextlib.aclosing(self.engine.generate(inp)) as chunks:
@@ -314,14 +315,14 @@ class DeltaService:
         the base checkpoint — the files the base fingerprint covers.
         """
         self.check_admin(token)
-        if self.exclusive is None:
+        if self.worker is None:
             raise UnavailableError(
                 "weight verification needs the worker extension (the server runs with --no-exclusive)"
             )
         from deltaserve.server.worker_patches import checkpoint_hashes
 
         async with self.scheduler.slot(BASE_STATE):
-            live = await self.exclusive.live_hashes()
+            live = await self.worker.live_hashes()
         expected = await asyncio.to_thread(checkpoint_hashes, self.config.engine.model, sorted(live))
         mismatched = sorted(name for name in live if live[name] != expected[name])
         return {

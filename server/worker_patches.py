@@ -1,7 +1,12 @@
-"""Exclusive deltas inside vLLM's worker: build a *patch* once, apply/revert it on every state switch.
+"""A delta's serving plan on vLLM's live model, and exclusive engine states.
 
 Runs in the worker process (through :mod:`deltaserve.server.worker_extension`), on
-vLLM's own model object. What vLLM does to weights, and what that means here:
+vLLM's own model object. :func:`resolve_plan` turns a kind's
+:class:`~deltaserve.plugins.serving.ServingPlan` into :class:`Changes` (per layer:
+an updated packed GEMM, bias, output maps; other updated parameters). The shared
+batch serves them per row (:mod:`deltaserve.server.worker_deltas`); the fallback is
+an exclusive *state*, a :class:`Patch` applied/reverted on every state switch
+(:class:`StateManager`). What vLLM does to weights, and what that means here:
 
 - **Fused layers.** vLLM stacks ``q/k/v_proj`` into ``qkv_proj`` and ``gate/up_proj``
   into ``gate_up_proj`` along the output dimension (``packed_modules_mapping``,
@@ -18,9 +23,8 @@ vLLM's own model object. What vLLM does to weights, and what that means here:
   copy in place — :class:`InPlace` — but that path is not exercised by the test
   suite, which runs on CPU.)
 - **Plain tensors** (biases, norms, embeddings) are patched in place and copied back.
-- **Bottleneck adapters** wrap the target layer's ``cpu_linear``:
-  ``y = base(x); y + s·up(act(down(y)))`` — the reference kind's math
-  (:class:`deltaserve.plugins.bottleneck.BottleneckAdapter`) on the same ``y``.
+- **Output maps** (bottleneck adapters) wrap the target layer's ``cpu_linear``:
+  ``y = base(x); f(y)`` — the kind's own module on the same ``y``.
 - **torch.compile.** vLLM compiles the decoder (unless LoRA is on, which forces
   eager on CPU) and Dynamo inlines ``cpu_linear`` at trace time with all guards
   dropped, so a swapped callable would be ignored by the compiled graph. An
@@ -38,10 +42,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
-
-from deltaserve.plugins.bottleneck import ADAPTER_FILE, BottleneckAdapter
-from deltaserve.plugins.sparse import DELTA_FILE
 
 
 @dataclass
@@ -114,6 +114,12 @@ class CheckpointReader:
         with safe_open(str(self._where[name]), "pt") as f:
             return f.get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._where:
+            raise KeyError(f"the base checkpoint has no tensor `{name}`")
+        with safe_open(str(self._where[name]), "pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
 
 def full_weight(target: Target, reader: CheckpointReader) -> torch.Tensor:
     """The whole (fused) weight of ``target``'s module, rebuilt from the checkpoint."""
@@ -140,8 +146,134 @@ class InPlace:
 
 
 @dataclass
+class LayerChange:
+    """What one delta changes in one linear layer served by ``cpu_linear``: maps on its input, its weight
+    (a packed GEMM of the updated full weight), its bias, and maps on (columns of) its output, in that order."""
+
+    gemm: object = None
+    """``cpu_linear``-style callable over the updated weight, or None (the base GEMM)."""
+    bias: torch.Tensor | None = None
+    """Updated bias, or None (the base bias)."""
+    outputs: list[tuple[object, int, int | None]] = field(default_factory=list)
+    """(``y ↦ y'``, first column, columns or None for all) — a fused module's own columns."""
+    inputs: list[object] = field(default_factory=list)
+    """``x ↦ x'`` before the GEMM."""
+
+    def __call__(self, base, x: torch.Tensor, weight, bias, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output under the delta. ``y``: the base output for ``x`` when already computed."""
+        bias = self.bias if self.bias is not None else bias
+        for fn in self.inputs:
+            x = fn(x)
+        if self.gemm is not None:
+            y = self.gemm(x, weight, bias)
+        elif y is None or self.bias is not None or self.inputs:
+            y = base(x, weight, bias)
+        for fn, first, cols in self.outputs:
+            if cols is None:
+                y = fn(y)
+            else:
+                y = y.clone()
+                y[..., first : first + cols] = fn(y[..., first : first + cols])
+        return y
+
+
+@dataclass
+class Changes:
+    """A serving plan resolved against vLLM's live model (built in the base state)."""
+
+    linear: dict[str, tuple[torch.nn.Module, LayerChange]] = field(default_factory=dict)
+    """vLLM module name → (module holding ``cpu_linear``, its change)."""
+    params: dict[str, tuple[torch.nn.Module, str, torch.Tensor]] = field(default_factory=dict)
+    """Other updated parameters: ``module.param`` → (module, parameter name, new full value)."""
+    kept_weights: list[InPlace] = field(default_factory=list)
+    """Packed layers that also keep their weight (LM head, tied embeddings): the kept copy, updated."""
+    resident_bytes: int = 0
+    """Memory the delta holds in the engine (updated weights, biases, norms, output-map parameters)."""
+
+    @property
+    def summary(self) -> dict:
+        return {
+            "layers": sorted(self.linear),
+            "params": sorted(self.params),
+            "resident_bytes": self.resident_bytes,
+        }
+
+
+def _nbytes(obj) -> int:
+    """Bytes a plan entry holds: a tensor, a module's state, or the tensors a ``functools.partial`` binds."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, torch.nn.Module):
+        return sum(_nbytes(t) for t in obj.state_dict().values())
+    bound = [*getattr(obj, "args", ()), *getattr(obj, "keywords", {}).values()]
+    return sum(_nbytes(t) for t in bound if isinstance(t, torch.Tensor))
+
+
+def resolve_plan(model: torch.nn.Module, base_dir: str | Path, plan) -> Changes:
+    """:class:`~deltaserve.plugins.serving.ServingPlan` (checkpoint names) → :class:`Changes` on vLLM's model.
+
+    Tensor updates are computed on the base value, read from the live model (or from the
+    checkpoint for packed weights vLLM no longer keeps), one checkpoint tensor at a time
+    into the full — possibly fused — parameter, so a fused ``qkv_proj`` gets one updated weight.
+    """
+    reader = CheckpointReader(base_dir)
+    changes = Changes()
+    full: dict[tuple[str, str], tuple[Target, torch.Tensor]] = {}  # (module, param) → (target, updated full value)
+    for name, update in plan.tensors.items():
+        target = resolve(model, name)
+        key = (target.module_name, target.param)
+        if key not in full:
+            live = getattr(target.module, target.param).data
+            value = live.clone() if live.numel() or not target.packed else full_weight(target, reader)
+            full[key] = (target, value)
+        value = full[key][1]
+        shape = reader.shape(name)
+        # Rows of a fused tensor; leading rows of a padded one (vLLM pads vocabularies).
+        rows = value[target.row_offset : target.row_offset + shape[0]] if target.rows is not None else value[: shape[0]]
+        if tuple(rows.shape) != shape:
+            raise ValueError(f"`{name}`: live tensor rows {tuple(rows.shape)} do not match checkpoint shape {shape}")
+        new = update(rows.clone())
+        if tuple(new.shape) != shape or new.dtype != rows.dtype:
+            raise ValueError(f"`{name}`: the plan's update changed its shape or dtype")
+        rows.copy_(new)
+    for (module_name, param), (target, value) in full.items():
+        holder = target.module
+        linear = hasattr(holder, "cpu_linear") and param in ("weight", "bias")
+        if linear:
+            change = changes.linear.setdefault(module_name, (holder, LayerChange()))[1]
+            if param == "bias":
+                change.bias = value
+            else:
+                change.gemm = packed_linear(value)
+                if holder.weight.numel():
+                    changes.kept_weights.append(InPlace(holder.weight.data, value, holder.weight.data.clone()))
+        else:
+            changes.params[f"{module_name}.{param}"] = (holder, param, value)
+        changes.resident_bytes += _nbytes(value)
+    for name, fn in plan.outputs.items():
+        try:
+            target = resolve(model, f"{name}.weight")
+        except KeyError:
+            raise KeyError(f"output map target `{name}` is not a module of vLLM's model") from None
+        if not hasattr(target.module, "cpu_linear"):
+            raise TypeError(f"output map target `{name}` is not a linear layer served by a CPU GEMM")
+        change = changes.linear.setdefault(target.module_name, (target.module, LayerChange()))[1]
+        change.outputs.append((fn, target.row_offset, target.rows))
+        changes.resident_bytes += _nbytes(fn)
+    for name, fn in plan.inputs.items():
+        target = resolve(model, f"{name}.weight")
+        if target.rows is not None or not hasattr(target.module, "cpu_linear"):
+            raise TypeError(
+                f"input map target `{name}` is not an unfused linear layer (vLLM module `{target.module_name}`)"
+            )
+        changes.linear.setdefault(target.module_name, (target.module, LayerChange()))[1].inputs.append(fn)
+        changes.resident_bytes += _nbytes(fn)
+    return changes
+
+
+@dataclass
 class Patch:
-    """Everything one exclusive state changes, prepared ahead so a switch is only swaps."""
+    """An exclusive engine state, prepared ahead so a switch is only swaps."""
 
     linear: dict[str, tuple[torch.nn.Module, object]] = field(default_factory=dict)
     """module name → (holder module, replacement ``cpu_linear``)."""
@@ -149,84 +281,20 @@ class Patch:
     summary: dict = field(default_factory=dict)
 
 
-def _row_view(target: Target) -> torch.Tensor:
-    param = getattr(target.module, target.param)
-    if target.rows is None:
-        return param.data
-    return param.data[target.row_offset : target.row_offset + target.rows]
-
-
-def _apply_sparse(flat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
-    # The reference kind's arithmetic: w0 + (w - w0) in the parameter's dtype.
-    flat[indices] = flat[indices] + values.to(flat.dtype)
-
-
-def build_sparse_patch(model: torch.nn.Module, base_dir: str | Path, bundle_dir: str | Path, config: dict) -> Patch:
-    tensors = load_file(str(Path(bundle_dir) / DELTA_FILE))
-    reader = CheckpointReader(base_dir)
-    patch = Patch()
-    weights: dict[str, tuple[Target, torch.Tensor]] = {}  # packed module → (target, its full weight, being patched)
-    for name, spec in config["params"].items():
-        indices, values = tensors[f"{name}.indices"], tensors[f"{name}.values"]
-        shape = tuple(spec["shape"])
-        target = resolve(model, name)
-        if target.packed:
-            if target.module_name not in weights:
-                live = target.module.weight.data
-                weights[target.module_name] = (target, live.clone() if live.numel() else full_weight(target, reader))
-            tensor = weights[target.module_name][1]
-        else:
-            tensor = getattr(target.module, target.param).data
-        # Rows of a fused tensor; leading rows of a padded one (vLLM pads vocabularies).
-        rows = (
-            tensor[target.row_offset : target.row_offset + shape[0]] if target.rows is not None else tensor[: shape[0]]
-        )
-        if tuple(rows.shape) != shape:
-            raise ValueError(f"`{name}`: live tensor rows {tuple(rows.shape)} do not match checkpoint shape {shape}")
-        if target.packed:
-            _apply_sparse(rows.reshape(-1), indices, values)  # rows of a contiguous tensor: a view
-        else:
-            patched = rows.clone()
-            _apply_sparse(patched.view(-1), indices, values)
-            patch.inplace.append(InPlace(rows, patched, rows.clone()))
-    for module_name, (target, weight) in weights.items():
-        patch.linear[module_name] = (target.module, packed_linear(weight))
-        live = target.module.weight.data
-        if live.numel():  # a packed layer that also keeps its weight (lm_head, embeddings): patch that too
-            patch.inplace.append(InPlace(live, weight, live.clone()))
-    patch.summary = {"packed_layers": sorted(patch.linear), "inplace_tensors": len(patch.inplace)}
-    return patch
-
-
-def build_bottleneck_patch(model: torch.nn.Module, bundle_dir: str | Path, config: dict) -> Patch:
-    tensors = load_file(str(Path(bundle_dir) / ADAPTER_FILE))
-    modules = dict(model.named_modules())
-    patch = Patch()
-    for name in config["modules"]:
-        if name not in modules:
-            raise KeyError(
-                f"bottleneck target `{name}` is not a module of vLLM's model (fused layers such as q_proj cannot be targets)"
-            )
-        holder = _holder(modules[name])
-        if not hasattr(holder, "cpu_linear"):
-            raise TypeError(f"bottleneck target `{name}` is not a linear layer served by a CPU GEMM")
-        dim = tensors[f"{name}.up.weight"].shape[0]
-        adapter = BottleneckAdapter(
-            dim,
-            config["bottleneck_dim"],
-            config["activation"],
-            config["scaling"],
-            dtype=tensors[f"{name}.up.weight"].dtype,
-        )
-        adapter.load_tensors(name, tensors)
-        adapter.eval().requires_grad_(False)
+def exclusive_patch(changes: Changes) -> Patch:
+    """:class:`Changes` as an engine state: replaced ``cpu_linear`` callables and in-place tensor copies."""
+    patch = Patch(summary=changes.summary)
+    for name, (holder, change) in changes.linear.items():
         base = holder.cpu_linear
 
-        def adapted(x, weight, bias, _base=base, _adapter=adapter):
-            return _adapter(_base(x, weight, bias))  # y + s·up(act(down(y)))
+        def replaced(x, weight, bias, _base=base, _change=change):
+            return _change(_base, x, weight, bias)
 
-        patch.linear[name] = (holder, adapted)
-    patch.summary = {"adapted_layers": sorted(patch.linear)}
+        patch.linear[name] = (holder, replaced)
+    patch.inplace.extend(changes.kept_weights)
+    for holder, param, value in changes.params.values():
+        live = getattr(holder, param).data
+        patch.inplace.append(InPlace(live, value, live.clone()))
     return patch
 
 
@@ -239,12 +307,11 @@ class StateManager:
         self.model = model
         self.staged: dict[str, Patch] = {}
         self.current = self.BASE
-        self._originals: dict[str, object] = {}  # module name → original cpu_linear
-        self._compiled = [m for m in model.modules() if getattr(m, "do_not_compile", True) is False]
+        self._originals: dict[str, object] = {}  # module name → the cpu_linear the active state replaced
+        self.compiled = [m for m in model.modules() if getattr(m, "do_not_compile", True) is False]
+        """Modules vLLM compiled (their ``do_not_compile`` is False)."""
 
     def stage(self, state: str, patch: Patch) -> None:
-        for name, (holder, _) in patch.linear.items():
-            self._originals.setdefault(name, holder.cpu_linear)
         self.staged[state] = patch
 
     def activate(self, state: str) -> None:
@@ -254,11 +321,13 @@ class StateManager:
         if state == self.BASE:
             return
         patch = self.staged[state]
+        # Saved at activation, not at staging: a concurrent delta may have put its dispatcher there since.
+        self._originals = {name: holder.cpu_linear for name, (holder, _) in patch.linear.items()}
         for holder, replacement in patch.linear.values():
             holder.cpu_linear = replacement
         for item in patch.inplace:
             item.tensor.copy_(item.patched)
-        for module in self._compiled:  # eager forward: the compiled graph would not see the swaps
+        for module in self.compiled:  # eager forward: the compiled graph would not see the swaps
             module.do_not_compile = True
         self.current = state
 
@@ -270,7 +339,7 @@ class StateManager:
             holder.cpu_linear = self._originals[name]
         for item in patch.inplace:
             item.tensor.copy_(item.original)
-        for module in self._compiled:
+        for module in self.compiled:
             module.do_not_compile = False
         self.current = self.BASE
 

@@ -25,10 +25,13 @@ from deltaserve.plugins.kind_checks import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from deltaserve.plugins.base_spec import BaseSpec
     from deltaserve.plugins.bundle import Bundle
+    from deltaserve.plugins.serving import ServingPlan
 
 ADAPTER_FILE = "adapter.safetensors"
 PLACEMENTS = ("output",)  # sequential adapter on the module output; other placements are future work
@@ -87,10 +90,9 @@ def _module_problems(
 
 
 class BottleneckKind(DeltaKind):
-    """Bottleneck adapters attached by forward hooks (exclusive: the engine attaches adapter modules)."""
+    """Bottleneck adapters on module outputs (forward hooks here; output maps when served)."""
 
     name = "bottleneck"
-    binding = "exclusive"
 
     def validate(self, bundle: Bundle, base: BaseSpec | None) -> list[str]:
         config = bundle.manifest.config
@@ -108,20 +110,31 @@ class BottleneckKind(DeltaKind):
         return problems
 
     def apply(self, model: torch.nn.Module, bundle: Bundle) -> AppliedDelta:
-        config = bundle.manifest.config
-        tensors = bundle.load_tensors(ADAPTER_FILE)
         device = next(model.parameters()).device
-        adapters = {}
-        for module in config["modules"]:
-            up_bias = tensors[f"{module}.up.bias"]  # [d]
-            adapter = BottleneckAdapter(
-                up_bias.shape[0],
-                config["bottleneck_dim"],
-                config["activation"],
-                config["scaling"],
-                dtype=up_bias.dtype,
-                device=device,
-            )
-            adapter.load_tensors(module, tensors)
-            adapters[module] = adapter.eval().requires_grad_(False)
+        adapters = _adapters(bundle.manifest.config, bundle.load_tensors(ADAPTER_FILE), device)
         return attach_adapters(model, adapters, f"bottleneck:{bundle.manifest.name}")
+
+    def serving_plan(self, bundle_dir: Path, config: dict) -> ServingPlan:
+        from safetensors.torch import load_file
+
+        from deltaserve.plugins.serving import ServingPlan
+
+        return ServingPlan(outputs=_adapters(config, load_file(str(bundle_dir / ADAPTER_FILE))))
+
+
+def _adapters(config: dict, tensors: dict, device=None) -> dict[str, BottleneckAdapter]:
+    """Module (checkpoint name) → its trained adapter, frozen."""
+    adapters = {}
+    for module in config["modules"]:
+        up_bias = tensors[f"{module}.up.bias"]  # [d]
+        adapter = BottleneckAdapter(
+            up_bias.shape[0],
+            config["bottleneck_dim"],
+            config["activation"],
+            config["scaling"],
+            dtype=up_bias.dtype,
+            device=device,
+        )
+        adapter.load_tensors(module, tensors)
+        adapters[module] = adapter.eval().requires_grad_(False)
+    return adapters

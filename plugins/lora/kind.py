@@ -26,6 +26,8 @@ from deltaserve.plugins.lora.adapter_config import (
 from deltaserve.plugins.naming import checkpoint_to_module, module_to_checkpoint
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from deltaserve.plugins.base_spec import BaseSpec
@@ -81,10 +83,21 @@ def _factor_problems(
 
 
 class LoraKind(DeltaKind):
-    """LoRA via PEFT (concurrent: vLLM multi-LoRA serves it beside base traffic)."""
+    """LoRA via PEFT (served by vLLM's own multi-LoRA, beside base traffic)."""
 
     name = "lora"
-    binding = "concurrent"
+    engine = "vllm_lora"
+
+    def lora_dir(self, bundle_dir: Path) -> Path:
+        return bundle_dir  # the bundle is a PEFT adapter directory (adapter_config.json + weights)
+
+    def recognises(self, directory: Path) -> bool:
+        return (directory / ADAPTER_CONFIG).is_file()  # a plain PEFT adapter directory
+
+    def import_directory(self, src: Path, out: Path, *, name: str, base: BaseSpec) -> Path:
+        from deltaserve.plugins.lora.writer import import_peft_adapter
+
+        return import_peft_adapter(src, out, name=name, base=base)
 
     def validate(self, bundle: Bundle, base: BaseSpec | None) -> list[str]:
         problems: list[str] = []

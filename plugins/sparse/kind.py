@@ -24,10 +24,13 @@ from deltaserve.plugins.kind_checks import (
 from deltaserve.plugins.naming import checkpoint_to_module
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from deltaserve.plugins.base_spec import BaseSpec
     from deltaserve.plugins.bundle import Bundle
+    from deltaserve.plugins.serving import ServingPlan
 
 DELTA_FILE = "delta.safetensors"
 
@@ -72,11 +75,19 @@ def _index_problems(name: str, indices: torch.Tensor, numel: int) -> list[str]:
     return problems
 
 
+def add_at(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``w0 + Δ``: a copy of ``base`` with ``values`` added at the flat ``indices`` (the kind's arithmetic,
+    in the base's dtype, as :meth:`SparseKind.apply` computes it in place). The serving plan's tensor update."""
+    out = base.clone()
+    flat = out.view(-1)
+    flat[indices] = flat[indices] + values.to(dtype=base.dtype, device=base.device)
+    return out
+
+
 class SparseKind(DeltaKind):
-    """Sparse additive differences on existing base parameters (exclusive: the engine patches weights)."""
+    """Sparse additive differences on existing base parameters (served as updated tensors)."""
 
     name = "sparse"
-    binding = "exclusive"
 
     def validate(self, bundle: Bundle, base: BaseSpec | None) -> list[str]:
         import torch
@@ -145,3 +156,18 @@ class SparseKind(DeltaKind):
                     flat[idx] = original  # the saved bits, not w - (w - w0): exact by construction
 
         return AppliedDelta(model, undo, f"sparse:{bundle.manifest.name}")
+
+    def serving_plan(self, bundle_dir: Path, config: dict) -> ServingPlan:
+        from functools import partial
+
+        from safetensors.torch import load_file
+
+        from deltaserve.plugins.serving import ServingPlan
+
+        tensors = load_file(str(bundle_dir / DELTA_FILE))
+        return ServingPlan(
+            tensors={
+                name: partial(add_at, indices=tensors[f"{name}.indices"], values=tensors[f"{name}.values"])
+                for name in config["params"]
+            }
+        )

@@ -21,7 +21,6 @@ class EchoKind(DeltaKind):
     """A kind shipped by someone else: valid when config.greeting is "hello"."""
 
     name = "echo"
-    binding = "exclusive"
 
     def validate(self, bundle, base):
         return [] if bundle.manifest.config.get("greeting") == "hello" else ['`config.greeting` must be "hello"']
@@ -33,7 +32,6 @@ class EchoKind(DeltaKind):
 
 class Fine(DeltaKind):
     name = "fine_kind"
-    binding = "concurrent"
 
     def validate(self, bundle, base):
         return []
@@ -55,11 +53,7 @@ def test_builtins_come_through_entry_points():
     assert declared["sparse"] == "deltaserve.plugins.sparse:SparseKind"
     kinds = registry.reload()
     assert {"lora", "sparse", "bottleneck"} <= set(kinds)
-    assert (kinds["lora"].binding, kinds["sparse"].binding, kinds["bottleneck"].binding) == (
-        "concurrent",
-        "exclusive",
-        "exclusive",
-    )
+    assert (kinds["lora"].engine, kinds["sparse"].engine, kinds["bottleneck"].engine) == ("vllm_lora", "plan", "plan")
 
 
 def test_third_party_kind_installs_through_an_entry_point(tmp_path, monkeypatch, base_spec):
@@ -102,12 +96,12 @@ def test_register_kind_rejects_duplicates_and_bad_names():
     for bad in ("Bad-Name", "1abc", "", "x" * 33):
         with pytest.raises(KindRegistryError, match="must match"):
             registry.register_kind(type("Bad", (Fine,), {"name": bad}))
-    with pytest.raises(KindRegistryError, match="binding"):
-        registry.register_kind(type("Odd", (Fine,), {"name": "odd", "binding": "sometimes"}))
+    with pytest.raises(KindRegistryError, match="engine"):
+        registry.register_kind(type("Odd", (Fine,), {"name": "odd", "engine": "sometimes"}))
     with pytest.raises(KindRegistryError, match="not a DeltaKind subclass"):
         registry.register_kind(object)  # type: ignore[arg-type]
     with pytest.raises(KindRegistryError, match="abstract"):
-        registry.register_kind(type("Half", (DeltaKind,), {"name": "half", "binding": "exclusive"}))
+        registry.register_kind(type("Half", (DeltaKind,), {"name": "half"}))
     assert registry.register_kind(Fine) is Fine and registry.get_kind("fine_kind") is Fine
     registry.register_kind(Fine)  # the same class again is not a duplicate
     replacement = type("Sparse3", (Fine,), {"name": "sparse"})

