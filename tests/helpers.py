@@ -25,7 +25,9 @@ def image_prompt(question: str) -> str:
     return PROMPT_FORMAT.format(image="<image>\n", question=question)
 
 
-def hf_greedy(model, processor, prompt: str, image=None, max_new_tokens: int = 12) -> list[int]:
+def hf_greedy(
+    model, processor, prompt: str, image=None, max_new_tokens: int = 12, min_new_tokens: int = 0
+) -> list[int]:
     """Reference greedy generation with transformers, one prompt at a time (no padding).
 
     Returns the generated token ids up to and including the first EOS, the way vLLM
@@ -39,7 +41,7 @@ def hf_greedy(model, processor, prompt: str, image=None, max_new_tokens: int = 1
         else processor(text=prompt, return_tensors="pt")
     )
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False)
     ids = out[0, inputs["input_ids"].shape[1] :].tolist()
     eos = processor.tokenizer.eos_token_id
     return ids[: ids.index(eos) + 1] if eos in ids else ids
