@@ -1,7 +1,8 @@
 """Engine-state scheduler: groups requests by the engine state they need and switches states.
 
-Base traffic and concurrent (LoRA) deltas share the :data:`~deltaserve.server.bindings.BASE_STATE`
-and ride in vLLM's mixed batches. An exclusive delta (sparse, bottleneck) needs the
+Base traffic and concurrent deltas (LoRA, and plan deltas within the policy) share the
+:data:`~deltaserve.server.bindings.BASE_STATE` and ride in vLLM's mixed batches. An exclusive
+delta (a plan delta the policy gives a state, see :mod:`deltaserve.server.bindings`) needs the
 whole engine in its own state, so requests of different states never run together:
 
 - A request for the **current** state is admitted at once — unless the state is

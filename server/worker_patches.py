@@ -22,7 +22,8 @@ an exclusive *state*, a :class:`Patch` applied/reverted on every state switch
   construction. (On GPU, layers keep plain weights: the same patch is a row-slice
   copy in place — :class:`InPlace` — but that path is not exercised by the test
   suite, which runs on CPU.)
-- **Plain tensors** (biases, norms, embeddings) are patched in place and copied back.
+- **Plain tensors** (norms, embeddings) are patched in place and copied back; an updated
+  bias of a packed layer is passed to its GEMM call.
 - **Output maps** (bottleneck adapters) wrap the target layer's ``cpu_linear``:
   ``y = base(x); f(y)`` — the kind's own module on the same ``y``.
 - **torch.compile.** vLLM compiles the decoder (unless LoRA is on, which forces

@@ -66,3 +66,25 @@ def test_unfixed_gather_would_alias_the_last_slot(batch):
     """What the fix is for: indexing with -1 silently picks the last adapter slot."""
     a, idx = batch["a"], batch["idx"]
     assert torch.equal(a[idx][1], a[-1])
+
+
+def test_add_lora_linear_applies_each_rows_adapter_per_slice(batch):
+    """The grouped ``add_lora_linear`` against a per-row loop: every slice gets ``scale · B_k A_k x`` of the row's slot
+    ``k``; base rows (-1) are untouched."""
+    import types
+
+    from deltaserve.server.vllm_fixes import add_lora_linear
+
+    g = torch.Generator().manual_seed(1)
+    x, idx = batch["x"], batch["idx"]
+    sizes = (5, 3)
+    a = tuple(torch.randn(3, 1, 4, x.shape[1], generator=g) for _ in sizes)
+    b = tuple(torch.randn(3, 1, n, 4, generator=g) for n in sizes)
+    y0 = torch.randn(len(idx), sum(sizes), generator=g)
+    y = y0.clone()
+    add_lora_linear(types.SimpleNamespace(token_lora_indices=idx), y, x, a, b, 0.5, sizes)
+    for i, k in enumerate(idx.tolist()):
+        expected = y0[i].clone()
+        if k >= 0:
+            expected = expected + torch.cat([0.5 * (b[s][k, 0] @ (a[s][k, 0] @ x[i])) for s in range(len(sizes))])
+        torch.testing.assert_close(y[i], expected, rtol=0, atol=1e-5)
