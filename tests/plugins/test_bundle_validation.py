@@ -72,7 +72,7 @@ CASES = {
     "malformed_json": ("sparse", lambda b: (b / "delta.json").write_text('{"name": "colours",'), "`delta.json` is not valid JSON"),
     "manifest_not_object": ("sparse", lambda b: (b / "delta.json").write_text("[1, 2]"), "`delta.json` must be a JSON object"),
     "missing_field": ("sparse", lambda b: edit_manifest(b, lambda m: m.pop("method")), "`method` must be an object"),
-    "format_version": ("sparse", lambda b: edit_manifest(b, lambda m: m.__setitem__("format_version", 2)), "`format_version` must be 1"),
+    "format_version": ("sparse", lambda b: edit_manifest(b, lambda m: m.__setitem__("format_version", 3)), "`format_version` must be 1 or 2, got 3"),
     "wrong_fingerprint": ("sparse", lambda b: edit_manifest(b, lambda m: m["base"].__setitem__("fingerprint", "sha256:" + "0" * 64)), "base fingerprint mismatch"),
     "sha256_mismatch": ("sparse", lambda b: edit_manifest(b, lambda m: m["files"].__setitem__(SPARSE_FILE, "0" * 64)), f"sha256 mismatch for `{SPARSE_FILE}`"),
     "missing_tensor": ("sparse", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.pop(f"{P}.values")), f"missing tensor `{P}.values`"),
