@@ -1,4 +1,4 @@
-"""Delta bundles v1: read (validating *everything*), digest; writing lives in :mod:`.writer`.
+"""Delta bundles (manifest formats 1 and 2): read (validating *everything*), digest; writing lives in :mod:`.writer`.
 
 A bundle is a directory with ``delta.json`` (see :mod:`deltaserve.plugins.manifest`)
 and the files it lists. :func:`read_bundle` treats the directory as untrusted: it

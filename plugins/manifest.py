@@ -1,13 +1,19 @@
 """The bundle manifest ``delta.json``: dataclasses, schema check, JSON round trip.
 
-Schema (format_version 1)::
+Schema (format_version 1 or 2)::
 
-    {"format_version": 1, "name": "<task>", "kind": "<kind>",
+    {"format_version": 2, "name": "<task>", "kind": "<kind>",
      "base": {"name": str, "fingerprint": "sha256:<hex>"},
      "task": {"description": str, "examples": [{"text": str, "image"?: "<relpath>"}], "metrics": {str: number}},
      "method": {"name": str, "hyperparameters": {...}},
      "files": {"<relpath>": "<sha256 hex>"},      # every file except delta.json
      "config": {...}}                              # kind-specific
+
+Format 2 differs from 1 in the `sparse` kind's ``config`` alone: each parameter names the
+``encoding`` of its differences (:mod:`deltaserve.plugins.sparse.encoding`; format 1 has int64
+indices only). Writers stamp the oldest format that describes the bundle — 2 for `sparse`
+bundles, 1 for the other kinds — so a reader of format 1 still reads everything it can, and
+refuses a format 2 bundle with a clear message instead of misreading it.
 
 :func:`parse_manifest` checks types and required fields and collects every problem;
 file-system facts (files exist, hashes match) are checked by the bundle reader.
@@ -23,7 +29,8 @@ from pathlib import PurePosixPath
 from deltaserve.plugins.errors import BundleError
 from deltaserve.plugins.kind_checks import is_number
 
-FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)
+"""Manifest formats this code reads."""
 MANIFEST_FILE = "delta.json"
 TASK_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -91,8 +98,8 @@ class Manifest:
     """Relative path → sha256 hex of every bundle file except ``delta.json``."""
     config: dict = field(default_factory=dict)
     """Kind-specific configuration."""
-    format_version: int = FORMAT_VERSION
-    """Manifest format version (only 1 exists)."""
+    format_version: int = 1
+    """Manifest format version: 1, or 2 when the bundle uses format 2's sparse encodings."""
 
     def to_dict(self) -> dict:
         return {
@@ -266,8 +273,10 @@ def parse_manifest(obj: object) -> tuple[Manifest | None, list[str]]:
         return None, [f"`{MANIFEST_FILE}` must be a JSON object"]
     problems: list[str] = []
     _unexpected(obj, _TOP_LEVEL, "", problems)
-    if obj.get("format_version") != FORMAT_VERSION or isinstance(obj.get("format_version"), bool):
-        problems.append(f"`format_version` must be {FORMAT_VERSION}, got {obj.get('format_version')!r}")
+    version = obj.get("format_version")
+    if type(version) is not int or version not in FORMAT_VERSIONS:
+        problems.append(f"`format_version` must be {' or '.join(map(str, FORMAT_VERSIONS))}, got {version!r}")
+        version = max(FORMAT_VERSIONS)
     if bad := task_name_problem(obj.get("name")):
         problems.append(bad)
     if not isinstance(obj.get("kind"), str) or not obj.get("kind"):
@@ -297,6 +306,6 @@ def parse_manifest(obj: object) -> tuple[Manifest | None, list[str]]:
         method=method_info,
         files=good_files,
         config=config if config is not None else {},
-        format_version=FORMAT_VERSION,
+        format_version=version,
     )
     return manifest, problems

@@ -80,6 +80,7 @@ def write_bundle(
     method: MethodInfo | None = None,
     overwrite: bool = False,
     validate: bool = True,
+    format_version: int = 1,
 ) -> Path:
     """Write a bundle to ``out_dir`` and return its path.
 
@@ -89,6 +90,8 @@ def write_bundle(
     :class:`BaseSpec`) *before* it is published, so a writer never leaves an invalid
     bundle behind; the :class:`BundleError` then names ``out_dir``.
     Refuses to replace an existing non-empty ``out_dir`` unless ``overwrite``.
+    ``format_version``: the oldest manifest format that describes the files (see
+    :mod:`deltaserve.plugins.manifest`).
     """
     out = Path(out_dir)
     problems = [p for p in [task_name_problem(name)] if p]
@@ -115,6 +118,7 @@ def write_bundle(
             method=method or MethodInfo(),
             files=digests,
             config=config,
+            format_version=format_version,
         )
         _write_synced(tmp / MANIFEST_FILE, manifest.to_json().encode())
         if validate:

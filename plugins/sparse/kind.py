@@ -1,10 +1,12 @@
 """The `sparse` kind: selective tuning (SPIDER, magnitude masks, full FT as the dense limit).
 
 Bundle layout: ``delta.safetensors`` holding, for every changed base parameter ``P``
-(checkpoint name), ``P.indices`` (int64, flat row-major positions, strictly
-increasing) and ``P.values`` (differences ``w - w0``, in the base parameter's dtype).
-``config``: ``{"params": {P: {"shape": [...], "nnz": n}}, "density": float,
-"trainable_numel": int | null}`` where density = Σ nnz / Σ numel of the touched params.
+(checkpoint name), its changed entries (flat row-major positions) and differences
+``w - w0`` (in the base parameter's dtype) in one of the encodings of
+:mod:`deltaserve.plugins.sparse.encoding` (format 1: ``P.indices`` int64 + ``P.values``).
+``config``: ``{"params": {P: {"shape": [...], "nnz": n, "encoding": e}}, "density": float,
+"trainable_numel": int | null}`` where density = Σ nnz / Σ numel of the touched params;
+``encoding`` is present in format 2 and absent in format 1.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ from deltaserve.plugins.kind_checks import (
     unexpected_fields,
 )
 from deltaserve.plugins.naming import checkpoint_to_module
+from deltaserve.plugins.sparse.encoding import (
+    ENCODINGS,
+    LEGACY,
+    PARTS,
+    counted,
+    decode,
+    index_problems,
+    layout_problems,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -35,25 +46,40 @@ if TYPE_CHECKING:
 DELTA_FILE = "delta.safetensors"
 
 
-def _config_problems(config: dict) -> tuple[dict[str, tuple[tuple[int, ...], int]], list[str]]:
-    """Parse ``config``: (param → (shape, nnz), problems)."""
+def _entry_problems(name: str, entry: object, format_version: int) -> tuple[bool, list[str]]:
+    """(usable, problems) of one ``config.params`` entry (format 1: shape and nnz; format 2: and an encoding)."""
+    fields = ("shape", "nnz") if format_version == 1 else ("shape", "nnz", "encoding")
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not (isinstance(shape, list) and all(is_int(d) for d in shape) and is_int(entry.get("nnz"))):
+        wanted = '{"shape": [int, ...], "nnz": int' + (', "encoding": str}' if format_version > 1 else "}")
+        return False, [f"`config.params.{name}` must be {wanted}"]
+    if format_version == 1 and "encoding" in entry:
+        return False, [f"`config.params.{name}.encoding` needs `format_version` 2 (format 1 stores int64 indices only)"]
+    if format_version > 1 and entry.get("encoding") not in ENCODINGS:
+        known = ", ".join(f"`{e}`" for e in sorted(ENCODINGS))
+        return False, [f"`config.params.{name}.encoding` must be one of {known}, got {entry.get('encoding')!r}"]
+    return True, unexpected_fields(entry, fields, f"config.params.{name}")
+
+
+def _config_problems(config: dict, format_version: int) -> tuple[dict[str, dict], list[str]]:
+    """Parse ``config``: (param → its entry, with ``encoding`` filled in for format 1; problems).
+    Unusable entries are left out."""
     problems = unexpected_fields(config, ("params", "density", "trainable_numel"), "config")
     params = config.get("params")
     if not isinstance(params, dict) or not params:
         return {}, problems + ["`config.params` must be a non-empty object"]
     parsed = {}
     for name, entry in params.items():
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        nnz = entry.get("nnz") if isinstance(entry, dict) else None
-        if not (isinstance(shape, list) and all(is_int(d) for d in shape) and is_int(nnz)):
-            problems.append(f'`config.params.{name}` must be {{"shape": [int, ...], "nnz": int}}')
-            continue
-        parsed[name] = (tuple(shape), nnz)
+        usable, bad = _entry_problems(name, entry, format_version)
+        problems += bad
+        if usable:
+            parsed[name] = {"encoding": LEGACY, **entry}
     density = config.get("density")
     if not is_number(density) or not 0 <= density <= 1:
         problems.append("`config.density` must be a number in [0, 1]")
     elif parsed and len(parsed) == len(params):
-        actual = sum(n for _, n in parsed.values()) / max(1, sum(math.prod(s) for s, _ in parsed.values()))
+        numel = sum(math.prod(e["shape"]) for e in parsed.values())
+        actual = sum(e["nnz"] for e in parsed.values()) / max(1, numel)
         if not math.isclose(density, actual, rel_tol=1e-6, abs_tol=1e-12):
             problems.append(f"`config.density` is {density}, the params give {actual}")
     if config.get("trainable_numel") is not None and not is_int(config["trainable_numel"]):
@@ -61,18 +87,22 @@ def _config_problems(config: dict) -> tuple[dict[str, tuple[tuple[int, ...], int
     return parsed, problems
 
 
-def _index_problems(name: str, indices: torch.Tensor, numel: int) -> list[str]:
-    if indices.numel() == 0:
-        return []
-    problems = []
-    if int(indices.min()) < 0 or int(indices.max()) >= numel:
-        problems.append(f"index out of range in `{name}.indices`: indices must lie in [0, {numel})")
-    steps = indices[1:] - indices[:-1]
-    if bool((steps == 0).any()):
-        problems.append(f"duplicate index in `{name}.indices`")
-    if bool((steps < 0).any()):
-        problems.append(f"unsorted indices in `{name}.indices` (must be strictly increasing)")
-    return problems
+def _param_problems(tensors: dict[str, torch.Tensor], name: str, spec: dict, base_dtype: str | None) -> list[str]:
+    """One parameter's tensors against its entry: layout, then the decoded positions and values."""
+    encoding, shape, nnz = spec["encoding"], tuple(spec["shape"]), spec["nnz"]
+    problems = layout_problems(tensors, name, encoding, shape)
+    if problems:
+        return problems
+    indices, values = decode(tensors, name, spec)
+    if indices.numel() != nnz:
+        problems.append(f"`config.params.{name}.nnz` is {nnz}, {counted(name, encoding, indices.numel())}")
+    if values.numel() != indices.numel():
+        problems.append(f"`{name}.values` has {values.numel()} entries, {counted(name, encoding, indices.numel())}")
+    if base_dtype is not None and dtype_name(values) != base_dtype:
+        problems.append(f"`{name}.values` has dtype {dtype_name(values)}, the base parameter is {base_dtype}")
+    elif not values.is_floating_point():
+        problems.append(f"`{name}.values` must be floating point, got {dtype_name(values)}")
+    return problems + index_problems(f"{name}.{PARTS[encoding][0]}", indices, math.prod(shape))
 
 
 def add_at(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -90,42 +120,25 @@ class SparseKind(DeltaKind):
     name = "sparse"
 
     def validate(self, bundle: Bundle, base: BaseSpec | None) -> list[str]:
-        import torch
-
-        params, problems = _config_problems(bundle.manifest.config)
+        params, problems = _config_problems(bundle.manifest.config, bundle.manifest.format_version)
         tensors = required_tensors(bundle, DELTA_FILE, problems)
         if tensors is None or not params:
             return problems
-        expected = {f"{p}.{part}" for p in params for part in ("indices", "values")}
-        problems += tensor_set_problems(DELTA_FILE, set(tensors), expected)
-        for name, (shape, nnz) in params.items():
+        expected = {f"{p}.{part}" for p, spec in params.items() for part in PARTS[spec["encoding"]]}
+        unusable = set(bundle.manifest.config["params"]) - set(params)  # reported: their tensors are no news
+        present = {t for t in tensors if t.rpartition(".")[0] not in unusable}
+        problems += tensor_set_problems(DELTA_FILE, present, expected)
+        for name, spec in params.items():
             if base is not None:
                 if name not in base.params:
                     problems.append(f"parameter `{name}` does not exist in the base")
-                elif base.params[name][0] != shape:
+                elif base.params[name][0] != tuple(spec["shape"]):
                     problems.append(
-                        f"`config.params.{name}.shape` is {list(shape)}, the base parameter is {list(base.params[name][0])}"
+                        f"`config.params.{name}.shape` is {spec['shape']}, the base parameter is {list(base.params[name][0])}"
                     )
-            indices, values = tensors.get(f"{name}.indices"), tensors.get(f"{name}.values")
-            if indices is None or values is None:
-                continue
-            if indices.dtype != torch.int64 or indices.dim() != 1:
-                problems.append(
-                    f"`{name}.indices` must be a 1-D int64 tensor, got {dtype_name(indices)} {list(indices.shape)}"
-                )
-                continue
-            if values.dim() != 1 or values.numel() != indices.numel():
-                problems.append(
-                    f"`{name}.values` must be 1-D with as many entries as `{name}.indices` ({indices.numel()})"
-                )
-            if indices.numel() != nnz:
-                problems.append(f"`config.params.{name}.nnz` is {nnz}, `{name}.indices` has {indices.numel()} entries")
-            base_dtype = base.param_dtype(name) if base is not None else None
-            if base_dtype is not None and dtype_name(values) != base_dtype:
-                problems.append(f"`{name}.values` has dtype {dtype_name(values)}, the base parameter is {base_dtype}")
-            elif not values.is_floating_point():
-                problems.append(f"`{name}.values` must be floating point, got {dtype_name(values)}")
-            problems += _index_problems(name, indices, math.prod(shape))
+            if all(f"{name}.{part}" in tensors for part in PARTS[spec["encoding"]]):
+                base_dtype = base.param_dtype(name) if base is not None else None
+                problems += _param_problems(tensors, name, spec, base_dtype)
         return problems
 
     def apply(self, model: torch.nn.Module, bundle: Bundle) -> AppliedDelta:
@@ -134,13 +147,13 @@ class SparseKind(DeltaKind):
         tensors = bundle.load_tensors(DELTA_FILE)
         named = dict(model.named_parameters())
         targets = []  # resolve everything first: a missing parameter must not leave a half-applied model
-        for name in bundle.manifest.config["params"]:
+        for name, spec in bundle.manifest.config["params"].items():
             param = named.get(checkpoint_to_module(name))
             if param is None:
                 raise KeyError(f"model has no parameter `{checkpoint_to_module(name)}` (checkpoint `{name}`)")
             if not param.is_contiguous():
                 raise ValueError(f"parameter `{name}` is not contiguous; cannot patch it through a flat view")
-            targets.append((param, tensors[f"{name}.indices"], tensors[f"{name}.values"]))
+            targets.append((param, *decode(tensors, name, spec)))
         saved = []  # (flat view [numel], indices [nnz], original values [nnz])
         with torch.no_grad():
             for param, indices, values in targets:
@@ -165,9 +178,8 @@ class SparseKind(DeltaKind):
         from deltaserve.plugins.serving import ServingPlan
 
         tensors = load_file(str(bundle_dir / DELTA_FILE))
-        return ServingPlan(
-            tensors={
-                name: partial(add_at, indices=tensors[f"{name}.indices"], values=tensors[f"{name}.values"])
-                for name in config["params"]
-            }
-        )
+        plan = {}
+        for name, spec in config["params"].items():
+            indices, values = decode(tensors, name, spec)
+            plan[name] = partial(add_at, indices=indices, values=values)
+        return ServingPlan(tensors=plan)

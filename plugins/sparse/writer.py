@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from deltaserve.plugins.errors import BundleError
 from deltaserve.plugins.manifest import MethodInfo, TaskInfo
+from deltaserve.plugins.sparse.encoding import index_problems, smallest
 from deltaserve.plugins.sparse.kind import DELTA_FILE
 from deltaserve.plugins.writer import write_bundle
 
@@ -52,20 +53,29 @@ def write_sparse_bundle(
     extra_files: dict[str, bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a `sparse` bundle for ``base`` (validated before it is published).
+    """Write a `sparse` bundle (format 2) for ``base`` (validated before it is published).
 
-    ``deltas`` maps checkpoint parameter names to (flat int64 indices, values = w - w0);
-    ``trainable_numel`` records how many coordinates the method could change.
-    ``extra_files`` (e.g. example images) are added as they are.
+    ``deltas`` maps checkpoint parameter names to (flat indices, strictly increasing; values = w - w0);
+    each parameter is stored in the encoding of the fewest bytes
+    (:mod:`deltaserve.plugins.sparse.encoding`). ``trainable_numel`` records how many coordinates
+    the method could change. ``extra_files`` (e.g. example images) are added as they are.
     """
-    unknown = sorted(set(deltas) - set(base.params))
-    if unknown:
-        raise BundleError(out_dir, [f"parameter `{p}` does not exist in the base" for p in unknown])
+    import torch
+
+    problems = [f"parameter `{p}` does not exist in the base" for p in sorted(set(deltas) - set(base.params))]
+    for param, (indices, values) in sorted(deltas.items()):
+        if indices.dim() != 1 or values.shape != indices.shape:
+            problems.append(f"`{param}`: indices and values must be 1-D tensors of the same length")
+        elif param in base.params:  # the compact encodings hold each position once, in order
+            problems += index_problems(f"{param}.indices", indices, math.prod(base.params[param][0]))
+    if problems:
+        raise BundleError(out_dir, problems)
     tensors, params = {}, {}
     for param, (indices, values) in sorted(deltas.items()):
-        tensors[f"{param}.indices"] = indices
-        tensors[f"{param}.values"] = values
-        params[param] = {"shape": list(base.params[param][0]), "nnz": int(indices.numel())}
+        shape = list(base.params[param][0])
+        encoding, parts = smallest(indices.detach().cpu().to(torch.int64), values.detach().cpu(), shape)
+        tensors |= {f"{param}.{part}": tensor for part, tensor in parts.items()}
+        params[param] = {"shape": shape, "nnz": int(indices.numel()), "encoding": encoding}
     numel = sum(math.prod(p["shape"]) for p in params.values())
     config = {
         "params": params,
@@ -82,4 +92,5 @@ def write_sparse_bundle(
         task=task,
         method=method,
         overwrite=overwrite,
+        format_version=2,
     )

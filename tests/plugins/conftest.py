@@ -5,7 +5,9 @@ Bundles are built once per session ("pristine") and copied by tests that break t
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -29,10 +31,8 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def build_sparse(out: Path, base) -> Path:
-    from deltaserve.plugins.manifest import Example, MethodInfo, TaskInfo
-    from deltaserve.plugins.sparse import write_sparse_bundle
-
+def sparse_deltas(base) -> dict:
+    """The test delta of the sparse bundles: 10% of four decoder matrices, {param: (int64 indices, values)}."""
     gen = torch.Generator().manual_seed(1)
     deltas = {}
     for layer in (2, 3):
@@ -43,6 +43,14 @@ def build_sparse(out: Path, base) -> Path:
             numel = torch.Size(base.params[param][0]).numel()
             indices = torch.randperm(numel, generator=gen)[: numel // 10].sort().values  # 10% density, ascending
             deltas[param] = (indices, torch.randn(indices.numel(), generator=gen) * 0.6)
+    return deltas
+
+
+def build_sparse(out: Path, base) -> Path:
+    from deltaserve.plugins.manifest import Example, MethodInfo, TaskInfo
+    from deltaserve.plugins.sparse import write_sparse_bundle
+
+    deltas = sparse_deltas(base)
     task = TaskInfo(
         "colour questions", [Example("What colour is the circle?", "examples/circle.png")], {"accuracy": 0.5}
     )
@@ -50,6 +58,47 @@ def build_sparse(out: Path, base) -> Path:
         out, name="colours", base=base, deltas=deltas, task=task, method=MethodInfo("spider", {"lr": 1e-3}),
         trainable_numel=4 * 128 * 384, extra_files={"examples/circle.png": _png(7), "README.md": b"# colours\n"},
     )  # fmt: skip
+
+
+def build_sparse_v1(out: Path, base) -> Path:
+    """The same delta in format 1, written by hand as the format 1 writer did: int64 indices, no `encoding`."""
+    from safetensors.torch import save
+
+    deltas = sparse_deltas(base)
+    data = save({f"{p}.{part}": t for p, pair in deltas.items() for part, t in zip(("indices", "values"), pair)})
+    params = {p: {"shape": list(base.params[p][0]), "nnz": i.numel()} for p, (i, _) in deltas.items()}
+    numel = sum(torch.Size(e["shape"]).numel() for e in params.values())
+    manifest = {
+        "format_version": 1, "name": "colours-v1", "kind": "sparse",
+        "base": {"name": base.name, "fingerprint": base.fingerprint},
+        "task": {"description": "colour questions", "examples": [], "metrics": {}},
+        "method": {"name": "spider", "hyperparameters": {}},
+        "files": {"delta.safetensors": hashlib.sha256(data).hexdigest()},
+        "config": {"params": params, "density": sum(e["nnz"] for e in params.values()) / numel, "trainable_numel": None},
+    }  # fmt: skip
+    out.mkdir(parents=True)
+    (out / "delta.safetensors").write_bytes(data)
+    (out / "delta.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def reencode_sparse(bundle: Path, encoding: str) -> Path:
+    """Store every parameter of the (format 2) sparse ``bundle`` in ``encoding``; manifest and hash follow."""
+    from safetensors.torch import load_file, save
+
+    from deltaserve.plugins.sparse.encoding import decode, encode
+
+    manifest = json.loads((bundle / "delta.json").read_text())
+    tensors, encoded = load_file(str(bundle / "delta.safetensors")), {}
+    for name, spec in manifest["config"]["params"].items():
+        parts = encode(encoding, *decode(tensors, name, spec), spec["shape"])
+        encoded |= {f"{name}.{part}": t for part, t in parts.items()}
+        spec["encoding"] = encoding
+    data = save(encoded)
+    (bundle / "delta.safetensors").write_bytes(data)
+    manifest["files"]["delta.safetensors"] = hashlib.sha256(data).hexdigest()
+    (bundle / "delta.json").write_text(json.dumps(manifest, indent=2))
+    return bundle
 
 
 def build_bottleneck(out: Path, base) -> Path:
@@ -88,7 +137,7 @@ def build_lora(out: Path, base) -> Path:
     return write_lora_bundle(out, name="counting", base=base, adapter_config=lora_adapter_config(), tensors=tensors)
 
 
-BUILDERS = {"lora": build_lora, "sparse": build_sparse, "bottleneck": build_bottleneck}
+BUILDERS = {"lora": build_lora, "sparse": build_sparse, "bottleneck": build_bottleneck, "sparse-v1": build_sparse_v1}
 
 
 @pytest.fixture(scope="session")
@@ -100,17 +149,26 @@ def base_spec(tiny_base):
 
 @pytest.fixture(scope="session")
 def pristine(base_spec, tmp_path_factory) -> dict[str, Path]:
-    """One valid bundle per kind (read-only by convention; copy before breaking)."""
+    """One valid bundle per kind, and a format 1 sparse one (read-only by convention; copy before breaking)."""
     root = tmp_path_factory.mktemp("pristine")
     return {kind: build(root / kind, base_spec) for kind, build in BUILDERS.items()}
 
 
 @pytest.fixture
+def pristine_sparse_deltas(base_spec) -> dict:
+    """What the pristine sparse bundles (both formats) hold: {param: (indices, values)}."""
+    return sparse_deltas(base_spec)
+
+
+@pytest.fixture
 def bundle_copy(pristine, tmp_path):
-    """``bundle_copy(kind)`` → a fresh copy of the pristine bundle of ``kind`` in tmp_path."""
+    """``bundle_copy(kind)`` → a fresh copy of the pristine bundle of ``kind`` in tmp_path;
+    ``bundle_copy("sparse:<encoding>")``: the sparse one with every parameter in that encoding."""
 
     def copy(kind: str) -> Path:
-        return Path(shutil.copytree(pristine[kind], tmp_path / f"{kind}-bundle"))
+        kind, _, encoding = kind.partition(":")
+        bundle = Path(shutil.copytree(pristine[kind], tmp_path / f"{kind}-bundle"))
+        return reencode_sparse(bundle, encoding) if encoding else bundle
 
     return copy
 

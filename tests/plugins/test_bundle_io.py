@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -45,7 +46,11 @@ def test_write_refuses_overwrite_and_is_atomic(tmp_path, base_spec):
     write_sparse_bundle(out, name="task", base=base_spec, deltas=deltas, overwrite=True)
     assert content_digest(out) != first
     assert sorted(p.name for p in out.parent.iterdir()) == ["task"]  # no temp or old directories left
-    assert json.loads((out / "delta.json").read_text())["config"]["params"][P] == {"shape": [128, 128], "nnz": 2}
+    assert json.loads((out / "delta.json").read_text())["config"]["params"][P] == {
+        "shape": [128, 128],
+        "nnz": 2,
+        "encoding": "gaps16",
+    }
 
 
 def test_invalid_content_is_never_published(tmp_path, base_spec):
@@ -60,6 +65,44 @@ def test_invalid_content_is_never_published(tmp_path, base_spec):
         write_sparse_bundle(out, name="../task", base=base_spec, deltas=small_deltas())
     with pytest.raises(BundleError, match="does not exist in the base"):
         write_sparse_bundle(out, name="task", base=base_spec, deltas={"nope.weight": small_deltas()[P]})
+
+
+@pytest.mark.parametrize(("density", "encoding"), [(0.53, "bitmask"), (0.97, "dense"), (0.001, "gaps16")])
+def test_writer_stores_the_smallest_encoding(density, encoding, tmp_path, base_spec):
+    numel = 128 * 128
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.randperm(numel, generator=gen)[: int(numel * density)].sort().values
+    out = write_sparse_bundle(
+        tmp_path / "b", name="b", base=base_spec, deltas={P: (indices, torch.randn(indices.numel(), generator=gen))}
+    )
+    manifest = json.loads((out / "delta.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["config"]["params"][P]["encoding"] == encoding
+    payload = {"bitmask": numel // 8 + 4 * indices.numel(), "dense": 4 * numel, "gaps16": None}[encoding]
+    if payload is not None:  # the file is the payload plus its JSON header
+        size = (out / "delta.safetensors").stat().st_size
+        assert payload < size < payload + 512 and size < 12 * indices.numel()  # format 1: 12 bytes per entry
+
+
+def test_writer_refuses_positions_it_cannot_encode(tmp_path, base_spec):
+    indices, values = small_deltas()[P]
+    for bad, problem in (
+        (indices.flip(0), f"unsorted indices in `{P}.indices`"),
+        (torch.tensor([7, 7]), f"duplicate index in `{P}.indices`"),
+        (torch.tensor([7, 128 * 128]), f"index out of range in `{P}.indices`"),
+        (indices[:1], f"`{P}`: indices and values must be 1-D tensors of the same length"),
+    ):
+        with pytest.raises(BundleError, match=re.escape(problem)):
+            write_sparse_bundle(tmp_path / "b", name="b", base=base_spec, deltas={P: (bad, values)})
+    assert not (tmp_path / "b").exists()
+
+
+def test_format_version_is_the_oldest_that_reads_the_bundle(pristine):
+    versions = {
+        kind: json.loads((path / "delta.json").read_text())["format_version"] for kind, path in pristine.items()
+    }
+    assert versions == {"sparse": 2, "sparse-v1": 1, "lora": 1, "bottleneck": 1}
+    v1, v2 = ((pristine[k] / "delta.safetensors").stat().st_size for k in ("sparse-v1", "sparse"))
+    assert v2 < 0.5 * v1  # 10% density, float32: mask + values ≈ 5.25 bytes per entry instead of 12
 
 
 def test_write_into_empty_directory(tmp_path, base_spec):

@@ -72,16 +72,36 @@ CASES = {
     "malformed_json": ("sparse", lambda b: (b / "delta.json").write_text('{"name": "colours",'), "`delta.json` is not valid JSON"),
     "manifest_not_object": ("sparse", lambda b: (b / "delta.json").write_text("[1, 2]"), "`delta.json` must be a JSON object"),
     "missing_field": ("sparse", lambda b: edit_manifest(b, lambda m: m.pop("method")), "`method` must be an object"),
-    "format_version": ("sparse", lambda b: edit_manifest(b, lambda m: m.__setitem__("format_version", 2)), "`format_version` must be 1"),
+    "format_version": ("sparse", lambda b: edit_manifest(b, lambda m: m.__setitem__("format_version", 3)), "`format_version` must be 1 or 2, got 3"),
     "wrong_fingerprint": ("sparse", lambda b: edit_manifest(b, lambda m: m["base"].__setitem__("fingerprint", "sha256:" + "0" * 64)), "base fingerprint mismatch"),
     "sha256_mismatch": ("sparse", lambda b: edit_manifest(b, lambda m: m["files"].__setitem__(SPARSE_FILE, "0" * 64)), f"sha256 mismatch for `{SPARSE_FILE}`"),
     "missing_tensor": ("sparse", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.pop(f"{P}.values")), f"missing tensor `{P}.values`"),
     "extra_tensor": ("sparse", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__("smuggled", torch.zeros(3))), "unexpected tensor `smuggled`"),
     "wrong_shape": ("bottleneck", lambda b: edit_tensors(b, BN_FILE, lambda t: t.__setitem__(f"{BN_MODULE}.down.weight", torch.zeros(8, 100))), f"`{BN_MODULE}.down.weight` has shape [8, 100], expected [8, 128]"),
     "wrong_dtype": ("sparse", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.values", t[f"{P}.values"].half())), f"`{P}.values` has dtype F16, the base parameter is F32"),
-    "index_out_of_range": ("sparse", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.indices"].__setitem__(-1, 128 * 384)), f"index out of range in `{P}.indices`"),
-    "duplicate_index": ("sparse", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.indices"].__setitem__(1, t[f"{P}.indices"][0])), f"duplicate index in `{P}.indices`"),
-    "unsorted_index": ("sparse", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.indices"].__setitem__(slice(0, 2), t[f"{P}.indices"][:2].flip(0).clone())), f"unsorted indices in `{P}.indices`"),
+    "index_out_of_range": ("sparse-v1", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.indices"].__setitem__(-1, 128 * 384)), f"index out of range in `{P}.indices`"),
+    "duplicate_index": ("sparse-v1", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.indices"].__setitem__(1, t[f"{P}.indices"][0])), f"duplicate index in `{P}.indices`"),
+    "unsorted_index": ("sparse-v1", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.indices"].__setitem__(slice(0, 2), t[f"{P}.indices"][:2].flip(0).clone())), f"unsorted indices in `{P}.indices`"),
+    "v1_with_encoding": ("sparse-v1", lambda b: edit_manifest(b, lambda m: m["config"]["params"][P].__setitem__("encoding", "indices64")), f"`config.params.{P}.encoding` needs `format_version` 2"),
+    "v1_int32_indices": ("sparse-v1", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.indices", t[f"{P}.indices"].int())), f"`{P}.indices` must be a 1-D int64 tensor, got I32"),
+    "encoding_unknown": ("sparse", lambda b: edit_manifest(b, lambda m: m["config"]["params"][P].__setitem__("encoding", "zip")), f"`config.params.{P}.encoding` must be one of `bitmask`, `dense`, `gaps16`, `indices32`, `indices64`, got 'zip'"),
+    "encoding_missing": ("sparse", lambda b: edit_manifest(b, lambda m: m["config"]["params"][P].pop("encoding")), f"`config.params.{P}.encoding` must be one of"),
+    "param_entry_extra_field": ("sparse", lambda b: edit_manifest(b, lambda m: m["config"]["params"][P].__setitem__("codec", "x")), f"unexpected field `config.params.{P}.codec`"),
+    "encoding_mislabelled": ("sparse:bitmask", lambda b: edit_manifest(b, lambda m: m["config"]["params"][P].__setitem__("encoding", "indices32")), f"missing tensor `{P}.indices`"),
+    "indices32_wrong_dtype": ("sparse:indices32", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.indices", t[f"{P}.indices"].long())), f"`{P}.indices` must be a 1-D int32 tensor, got I64"),
+    "indices32_negative": ("sparse:indices32", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.indices"].__setitem__(0, -1)), f"index out of range in `{P}.indices`: indices must lie in [0, 49152)"),
+    "indices32_duplicate": ("sparse:indices32", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.indices"].__setitem__(1, t[f"{P}.indices"][0])), f"duplicate index in `{P}.indices`"),
+    "gaps16_past_the_end": ("sparse:gaps16", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.gaps"].__setitem__(-1, 65535)), f"index out of range in `{P}.gaps`"),
+    "gaps16_trailing_escape": ("sparse:gaps16", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.gaps", torch.cat([t[f"{P}.gaps"], torch.zeros(1, dtype=torch.uint16)]))), f"`{P}.gaps` ends with the escape code 0"),
+    "gaps16_signed": ("sparse:gaps16", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.gaps", t[f"{P}.gaps"].to(torch.int16))), f"`{P}.gaps` must be a 1-D uint16 tensor, got I16"),
+    "bitmask_length": ("sparse:bitmask", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.mask", t[f"{P}.mask"][:-1].clone())), f"`{P}.mask` has 6143 bytes, expected ceil(49152 / 8) = 6144"),
+    "bitmask_popcount": ("sparse:bitmask", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.mask"].__setitem__(0, 255)), f"`{P}.mask` has"),
+    "bitmask_2d": ("sparse:bitmask", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.mask", t[f"{P}.mask"].view(96, 64))), f"`{P}.mask` must be a 1-D uint8 tensor, got U8 [96, 64]"),
+    "values_2d": ("sparse:bitmask", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.values", t[f"{P}.values"].view(1, -1))), f"`{P}.values` must be 1-D, got shape [1, "),
+    "values_count": ("sparse:indices32", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.values", t[f"{P}.values"][:-1].clone())), f"`{P}.values` has 4914 entries, `{P}.indices` has 4915 entries"),
+    "dense_shape": ("sparse:dense", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.values", t[f"{P}.values"].reshape(-1))), f"`{P}.values` has shape [49152], expected the parameter's [128, 384] (dense)"),
+    "dense_nnz": ("sparse:dense", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.values"].view(-1).__setitem__(t[f"{P}.values"].view(-1).nonzero()[0], 0.0)), f"`config.params.{P}.nnz` is 4915, `{P}.values` has 4914 non-zero entries"),
+    "dense_int": ("sparse:dense", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t.__setitem__(f"{P}.values", t[f"{P}.values"].sign().int())), f"`{P}.values` must be F16, BF16, F32 or F64 (dense), got I32"),
     "nnz_mismatch": ("sparse", lambda b: edit_manifest(b, lambda m: m["config"]["params"][P].__setitem__("nnz", 1)), f"`config.params.{P}.nnz` is 1"),
     "nan_values": ("sparse", lambda b: edit_tensors(b, SPARSE_FILE, lambda t: t[f"{P}.values"].__setitem__(0, float("nan"))), f"tensor `{P}.values` in `{SPARSE_FILE}` contains NaN/Inf"),
     "inf_values": ("bottleneck", lambda b: edit_tensors(b, BN_FILE, lambda t: t[f"{BN_MODULE}.up.bias"].__setitem__(0, float("inf"))), "contains NaN/Inf"),
@@ -141,7 +161,9 @@ def test_bad_bundle_is_rejected_with_one_error(case, bundle_copy, base_spec):
     assert len(info.value.problems) == 1 or case in CONSEQUENTIAL, info.value.problems
 
 
-CONSEQUENTIAL = {"lora_rank", "nnz_mismatch"}  # every LoRA pair mismatches `r`; nnz also changes the density
+# every LoRA pair mismatches `r`; nnz also changes the density; extra bits are extra positions without values;
+# another encoding's tensors are both missing and unexpected
+CONSEQUENTIAL = {"lora_rank", "nnz_mismatch", "bitmask_popcount", "encoding_mislabelled"}
 
 
 def test_file_above_size_limit(bundle_copy, base_spec):

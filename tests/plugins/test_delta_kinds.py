@@ -7,6 +7,7 @@ import torch
 
 from deltaserve.plugins.bundle import read_bundle
 from deltaserve.plugins.registry import get_kind
+from deltaserve.plugins.sparse.encoding import ENCODINGS
 
 KINDS = ("lora", "sparse", "bottleneck")
 SCENARIOS = ("validates", "changes_generation", "remove_is_exact", "context_manager")
@@ -75,3 +76,29 @@ def test_kind_scenario(kind, scenario, pristine, base_spec, warm_model, prompt_i
         with bundle.kind.apply(hf_model, bundle):  # applying again after removal gives the same delta
             assert generate_fn(hf_model, prompt_inputs[:1]) == applied_outputs
         assert_restored(hf_model, before)
+
+
+@pytest.mark.parametrize("stored", ["sparse-v1", "sparse", *(f"sparse:{e}" for e in ENCODINGS)])
+def test_sparse_storage_applies_exactly(stored, bundle_copy, base_spec, hf_model, pristine_sparse_deltas):
+    """Format 1 (int64 indices, by hand), the writer's choice and every encoding: apply and the serving
+    plan give w0 + Δ bit for bit, computed directly on the plain tensors; remove restores w0."""
+    from deltaserve.plugins.naming import checkpoint_to_module
+
+    bundle = read_bundle(bundle_copy(stored), base=base_spec)
+    assert bundle.manifest.format_version == (1 if stored == "sparse-v1" else 2)
+    named = dict(hf_model.named_parameters())
+    w0 = {name: named[checkpoint_to_module(name)].detach().clone() for name in bundle.manifest.config["params"]}
+    expected = {}
+    for name, (indices, values) in pristine_sparse_deltas.items():
+        flat = w0[name].clone().view(-1)
+        flat[indices] = flat[indices] + values
+        expected[name] = flat.view(w0[name].shape)
+        assert not torch.equal(expected[name], w0[name])
+    assert expected.keys() == w0.keys()
+    plan = bundle.kind.serving_plan(bundle.path, bundle.manifest.config)
+    with bundle.kind.apply(hf_model, bundle):
+        for name, want in expected.items():
+            assert torch.equal(named[checkpoint_to_module(name)], want), name
+            assert torch.equal(plan.tensors[name](w0[name]), want), name
+    for name in w0:
+        assert torch.equal(named[checkpoint_to_module(name)], w0[name])
