@@ -34,6 +34,7 @@ class DeltaWorkerExtension:
         from deltaserve.plugins.registry import get_kind
         from deltaserve.server import worker_patches as wp
 
+        started = time.perf_counter()
         model, states = self.model_runner.model, self._ds_states()
         concurrent = self._deltaserve_concurrent
         plan = get_kind(kind)().serving_plan(Path(bundle_dir), config)
@@ -51,7 +52,8 @@ class DeltaWorkerExtension:
                 states.stage(tag, wp.exclusive_patch(changes))
         finally:
             states.activate(previous)
-        return {"mode": "concurrent" if reason is None else "exclusive", "reason": reason, **changes.summary}
+        mode = "concurrent" if reason is None else "exclusive"
+        return {"mode": mode, "reason": reason, **changes.summary, "stage_s": round(time.perf_counter() - started, 4)}
 
     def ds_activate(self, state: str) -> float:
         """Put the engine into ``state`` (``"base"``: the untouched base). Returns seconds taken."""

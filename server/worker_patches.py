@@ -36,6 +36,7 @@ an exclusive *state*, a :class:`Patch` applied/reverted on every state switch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import types
 from dataclasses import dataclass, field
@@ -71,23 +72,26 @@ def _holder(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "base_layer", module)
 
 
-def _packed_mapping(model: torch.nn.Module) -> dict[str, list[str]]:
+@functools.cache
+def _tree(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], dict[str, list[str]]]:
+    """vLLM's module tree by name, and its fused-module mapping. The tree is fixed once the model is loaded
+    (LoRA wraps layers at load; deltaserve only swaps callables), so it is read once per model."""
     mapping: dict[str, list[str]] = {}
     for module in model.modules():
         mapping.update(getattr(module, "packed_modules_mapping", {}) or {})
-    return mapping
+    return dict(model.named_modules()), mapping
 
 
 def resolve(model: torch.nn.Module, ckpt_name: str) -> Target:
     """Checkpoint tensor name → :class:`Target` in vLLM's module tree."""
-    modules = dict(model.named_modules())
+    modules, packed = _tree(model)
     module_name, _, param = ckpt_name.rpartition(".")
     if module_name in modules:
         holder = _holder(modules[module_name])
         if param in dict(holder.named_parameters(recurse=False)):
             return Target(module_name, holder, param, 0, None)
     parent, _, leaf = module_name.rpartition(".")
-    for fused, parts in _packed_mapping(model).items():
+    for fused, parts in packed.items():
         if leaf in parts and f"{parent}.{fused}" in modules:
             holder = _holder(modules[f"{parent}.{fused}"])
             sizes = list(holder.output_sizes)
@@ -103,10 +107,12 @@ class CheckpointReader:
 
     def __init__(self, base_dir: str | Path):
         self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for file in sorted(Path(base_dir).glob("*.safetensors")):
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():
                     self._where[key] = file
+                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
 
     def names(self) -> list[str]:
         return sorted(self._where)
@@ -116,10 +122,9 @@ class CheckpointReader:
             return f.get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._where:
+        if name not in self._shapes:
             raise KeyError(f"the base checkpoint has no tensor `{name}`")
-        with safe_open(str(self._where[name]), "pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+        return self._shapes[name]
 
 
 def full_weight(target: Target, reader: CheckpointReader) -> torch.Tensor:
