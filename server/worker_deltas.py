@@ -84,7 +84,8 @@ class LinearDispatch:
             change = self.changes.get(tag)
             if change is not None:
                 rows = ROWS.index(idx, x)
-                y[rows] = change(self.base, x[rows], weight, bias, y[rows])
+                y_rows = y.index_select(0, rows) if change.uses_base_output else None
+                y.index_copy_(0, rows, change(self.base, x.index_select(0, rows), weight, bias, y_rows))
         return y
 
 

@@ -165,6 +165,11 @@ class LayerChange:
     inputs: list[object] = field(default_factory=list)
     """``x ↦ x'`` before the GEMM."""
 
+    @property
+    def uses_base_output(self) -> bool:
+        """Whether the base layer's output for the same rows is all it needs (output maps only)."""
+        return self.gemm is None and self.bias is None and not self.inputs
+
     def __call__(self, base, x: torch.Tensor, weight, bias, y: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's output under the delta. ``y``: the base output for ``x`` when already computed."""
         bias = self.bias if self.bias is not None else bias
@@ -172,7 +177,7 @@ class LayerChange:
             x = fn(x)
         if self.gemm is not None:
             y = self.gemm(x, weight, bias)
-        elif y is None or self.bias is not None or self.inputs:
+        elif y is None or not self.uses_base_output:
             y = base(x, weight, bias)
         for fn, first, cols in self.outputs:
             if cols is None:
