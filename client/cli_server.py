@@ -71,6 +71,12 @@ def _fail(exc: DeltaClientError) -> None:
     help="Memory fraction for vLLM when the KV cache is not sized explicitly.",
 )
 @click.option("--enforce-eager", is_flag=True, help="Disable torch.compile in vLLM.")
+@click.option(
+    "--tensor-parallel-size",
+    default=1,
+    show_default=True,
+    help="Shard the model over N workers (vLLM tensor parallelism; on CPU one core group per worker).",
+)
 @click.option("--no-lora", is_flag=True, help="Serve without multi-LoRA (then vLLM compiles the decoder on CPU).")
 @click.option(
     "--no-exclusive",
@@ -138,6 +144,7 @@ def serve(
     no_lora,
     no_exclusive,
     concurrent_delta_budget,
+    tensor_parallel_size,
     router,
     router_opt,
     max_state_wait,
@@ -180,6 +187,7 @@ def serve(
         seed=seed,
         exclusive_deltas=not no_exclusive,
         concurrent_delta_budget_bytes=int(concurrent_delta_budget * 1024 * 1024),
+        tensor_parallel_size=tensor_parallel_size,
     )
     config = ServeConfig(
         engine=engine,

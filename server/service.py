@@ -319,6 +319,11 @@ class DeltaService:
             raise UnavailableError(
                 "weight verification needs the worker extension (the server runs with --no-exclusive)"
             )
+        if self.config.engine.tensor_parallel_size > 1:
+            raise UnavailableError(
+                "weight verification reads whole tensors back from one worker: not available with "
+                f"--tensor-parallel-size {self.config.engine.tensor_parallel_size}"
+            )
         from deltaserve.server.worker_patches import checkpoint_hashes
 
         async with self.scheduler.slot(BASE_STATE):

@@ -55,6 +55,12 @@ class DeltaWorkerExtension:
         mode = "concurrent" if reason is None else "exclusive"
         return {"mode": mode, "reason": reason, **changes.summary, "stage_s": round(time.perf_counter() - started, 4)}
 
+    def _ds_single_worker(self, what: str) -> None:
+        """Weight read-back probes whole checkpoint tensors from the live model: not for a sharded one yet."""
+        tp = self.model_runner.parallel_config.tensor_parallel_size
+        if tp > 1:
+            raise ValueError(f"{what} are not served with tensor parallelism yet (tensor_parallel_size {tp})")
+
     def ds_activate(self, state: str) -> float:
         """Put the engine into ``state`` (``"base"``: the untouched base). Returns seconds taken."""
         started = time.perf_counter()
@@ -69,4 +75,5 @@ class DeltaWorkerExtension:
         """sha256 per checkpoint tensor as the live model computes with it (see ``worker_patches.live_hashes``)."""
         from deltaserve.server.worker_patches import live_hashes
 
+        self._ds_single_worker("weight read-backs")
         return live_hashes(self.model_runner.model, self.model_runner.model_config.model)

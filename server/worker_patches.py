@@ -46,9 +46,21 @@ import torch
 from safetensors import safe_open
 
 
+@dataclass(frozen=True)
+class Split:
+    """This worker's piece of a checkpoint tensor under tensor parallelism: ``full.narrow(dim, start, length)``."""
+
+    dim: int
+    start: int
+    length: int
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        return full.narrow(self.dim, self.start, self.length)
+
+
 @dataclass
 class Target:
-    """Where a checkpoint tensor lives in vLLM's model."""
+    """Where a checkpoint tensor lives in vLLM's model (in this worker's shard)."""
 
     module_name: str
     module: torch.nn.Module
@@ -57,14 +69,23 @@ class Target:
     """``weight`` or ``bias`` (or another parameter name)."""
     row_offset: int
     rows: int | None
-    """Rows of the (fused) parameter that belong to this checkpoint tensor; None: all."""
+    """Rows of the (fused) local parameter that belong to this checkpoint tensor; None: all."""
     shards: list[str] = field(default_factory=list)
     """For fused modules: the checkpoint module names of every shard, in order."""
+    split: Split | None = None
+    """The part of the checkpoint tensor this worker holds; None: all of it (no tensor parallelism, or replicated)."""
+    parallel: str = "replicated"
+    """``column`` (output features sharded over workers), ``row`` (input features sharded, partial sums all-reduced
+    after the GEMM) or ``replicated``."""
 
     @property
     def packed(self) -> bool:
         """A weight the forward reads through ``cpu_linear`` (a packed GEMM handle on CPU)."""
         return self.param == "weight" and hasattr(self.module, "cpu_linear")
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This worker's piece of the checkpoint-shaped tensor ``full``."""
+        return full if self.split is None else self.split.take(full)
 
 
 def _holder(module: torch.nn.Module) -> torch.nn.Module:
@@ -82,22 +103,76 @@ def _tree(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], dict[str,
     return dict(model.named_modules()), mapping
 
 
+def _tp(holder: torch.nn.Module) -> tuple[int, int]:
+    """(world size, rank) of the layer's own tensor-parallel sharding (vLLM's ``disable_tp`` layers: (1, 0))."""
+    return getattr(holder, "tp_size", 1), getattr(holder, "tp_rank", 0)
+
+
+def _parallel_style(holder: torch.nn.Module) -> str:
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    if _tp(holder)[0] == 1:
+        return "replicated"
+    if isinstance(holder, ColumnParallelLinear):
+        return "column"
+    if isinstance(holder, RowParallelLinear):
+        return "row"
+    if isinstance(holder, VocabParallelEmbedding):
+        raise ValueError("vocabulary-parallel embeddings and LM heads are not served with tensor parallelism")
+    return "replicated"
+
+
+def _fused_part(holder: torch.nn.Module, index: int) -> tuple[int, int, int]:
+    """(local row offset, local rows, start in the checkpoint tensor) of part ``index`` of a fused layer.
+    vLLM's ``output_sizes`` are global; a worker holds ``1/tp`` of each part, except that K/V heads are replicated
+    when there are fewer of them than workers."""
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    tp, rank = _tp(holder)
+    if isinstance(holder, QKVParallelLinear):
+        q, kv, v = (
+            holder.num_heads * holder.head_size,
+            holder.num_kv_heads * holder.head_size,
+            holder.num_kv_heads * getattr(holder, "v_head_size", holder.head_size),
+        )
+        kv_rank = rank // holder.num_kv_head_replicas
+        return [(0, q, rank * q), (q, kv, kv_rank * kv), (q + kv, v, kv_rank * v)][index]
+    sizes = [size // tp for size in holder.output_sizes]
+    return sum(sizes[:index]), sizes[index], rank * sizes[index]
+
+
 def resolve(model: torch.nn.Module, ckpt_name: str) -> Target:
-    """Checkpoint tensor name → :class:`Target` in vLLM's module tree."""
+    """Checkpoint tensor name → :class:`Target` in vLLM's module tree (this worker's shard of it)."""
     modules, packed = _tree(model)
     module_name, _, param = ckpt_name.rpartition(".")
     if module_name in modules:
         holder = _holder(modules[module_name])
         if param in dict(holder.named_parameters(recurse=False)):
-            return Target(module_name, holder, param, 0, None)
+            style, rank = _parallel_style(holder), _tp(holder)[1]
+            split = None
+            if style == "column":
+                n = holder.output_size_per_partition
+                split = Split(0, rank * n, n)
+            elif style == "row" and param == "weight":  # the bias is whole, added once (rank 0) before the reduce
+                n = holder.input_size_per_partition
+                split = Split(1, rank * n, n)
+            return Target(module_name, holder, param, 0, None, split=split, parallel=style)
     parent, _, leaf = module_name.rpartition(".")
     for fused, parts in packed.items():
         if leaf in parts and f"{parent}.{fused}" in modules:
             holder = _holder(modules[f"{parent}.{fused}"])
-            sizes = list(holder.output_sizes)
-            index = parts.index(leaf)
+            style = _parallel_style(holder)
+            offset, rows, start = _fused_part(holder, parts.index(leaf))
             return Target(
-                f"{parent}.{fused}", holder, param, sum(sizes[:index]), sizes[index], [f"{parent}.{p}" for p in parts]
+                f"{parent}.{fused}",
+                holder,
+                param,
+                offset,
+                rows,
+                [f"{parent}.{p}" for p in parts],
+                split=Split(0, start, rows) if style != "replicated" else None,
+                parallel=style,
             )
     raise KeyError(f"vLLM's model has no tensor for checkpoint `{ckpt_name}`")
 
@@ -127,11 +202,12 @@ class CheckpointReader:
         return self._shapes[name]
 
 
-def full_weight(target: Target, reader: CheckpointReader) -> torch.Tensor:
-    """The whole (fused) weight of ``target``'s module, rebuilt from the checkpoint."""
+def full_weight(model: torch.nn.Module, target: Target, reader: CheckpointReader) -> torch.Tensor:
+    """The whole (fused) local weight of ``target``'s module, rebuilt from the checkpoint (this worker's shard)."""
     if target.shards:
-        return torch.cat([reader.get(f"{s}.{target.param}") for s in target.shards], dim=0)
-    return reader.get(f"{target.module_name}.{target.param}")
+        parts = [f"{s}.{target.param}" for s in target.shards]
+        return torch.cat([resolve(model, p).local(reader.get(p)) for p in parts], dim=0)
+    return target.local(reader.get(f"{target.module_name}.{target.param}"))
 
 
 def packed_linear(weight: torch.Tensor):
@@ -164,6 +240,10 @@ class LayerChange:
     """(``y ↦ y'``, first column, columns or None for all) — a fused module's own columns."""
     inputs: list[object] = field(default_factory=list)
     """``x ↦ x'`` before the GEMM."""
+    reduce_rank: int | None = None
+    """Set on a row-parallel layer under tensor parallelism (this worker's rank): the GEMM gives partial sums,
+    which are all-reduced before the output maps see them; rank 0 then returns the mapped rows, the other ranks
+    zeros, so the layer's own all-reduce adds exact zeros to them."""
 
     @property
     def uses_base_output(self) -> bool:
@@ -172,20 +252,39 @@ class LayerChange:
 
     def __call__(self, base, x: torch.Tensor, weight, bias, y: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's output under the delta. ``y``: the base output for ``x`` when already computed."""
-        bias = self.bias if self.bias is not None else bias
+        # The updated bias replaces the one vLLM passes; a row-parallel rank > 0 is passed none (added once).
+        bias = self.bias if self.bias is not None and bias is not None else bias
         for fn in self.inputs:
             x = fn(x)
         if self.gemm is not None:
             y = self.gemm(x, weight, bias)
         elif y is None or not self.uses_base_output:
             y = base(x, weight, bias)
+        if self.outputs and self.reduce_rank is not None:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            y = tensor_model_parallel_all_reduce(y.contiguous())
         for fn, first, cols in self.outputs:
             if cols is None:
                 y = fn(y)
             else:
                 y = y.clone()
                 y[..., first : first + cols] = fn(y[..., first : first + cols])
+        if self.outputs and self.reduce_rank not in (None, 0):
+            y = torch.zeros_like(y)
         return y
+
+
+def _gathered(fn, length: int, rank: int):
+    """``fn`` for a tensor whose last dimension is sharded over the tensor-parallel workers (``length`` features
+    here, at ``rank``): gather the whole, apply ``fn``, keep this worker's features."""
+
+    def sharded(t: torch.Tensor) -> torch.Tensor:
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        return fn(tensor_model_parallel_all_gather(t.contiguous(), dim=-1)).narrow(-1, rank * length, length)
+
+    return sharded
 
 
 @dataclass
@@ -235,17 +334,33 @@ def resolve_plan(model: torch.nn.Module, base_dir: str | Path, plan) -> Changes:
         key = (target.module_name, target.param)
         if key not in full:
             live = getattr(target.module, target.param).data
-            value = live.clone() if live.numel() or not target.packed else full_weight(target, reader)
+            value = live.clone() if live.numel() or not target.packed else full_weight(model, target, reader)
             full[key] = (target, value)
         value = full[key][1]
         shape = reader.shape(name)
-        # Rows of a fused tensor; leading rows of a padded one (vLLM pads vocabularies).
-        rows = value[target.row_offset : target.row_offset + shape[0]] if target.rows is not None else value[: shape[0]]
-        if tuple(rows.shape) != shape:
-            raise ValueError(f"`{name}`: live tensor rows {tuple(rows.shape)} do not match checkpoint shape {shape}")
-        new = update(rows.clone())
+        if target.split is None:
+            # Rows of a fused tensor; leading rows of a padded one (vLLM pads vocabularies).
+            rows = (
+                value[target.row_offset : target.row_offset + shape[0]]
+                if target.rows is not None
+                else value[: shape[0]]
+            )
+            if tuple(rows.shape) != shape:
+                raise ValueError(
+                    f"`{name}`: live tensor rows {tuple(rows.shape)} do not match checkpoint shape {shape}"
+                )
+            base = rows.clone()
+        else:  # a shard: the update sees the whole checkpoint tensor, this worker keeps its piece
+            rows = value.narrow(0, target.row_offset, target.rows) if target.rows is not None else value
+            base = reader.get(name).to(rows.dtype)
+        new = update(base)
         if tuple(new.shape) != shape or new.dtype != rows.dtype:
             raise ValueError(f"`{name}`: the plan's update changed its shape or dtype")
+        new = target.local(new)
+        if new.shape != rows.shape:
+            raise ValueError(
+                f"`{name}`: this worker's shard {tuple(rows.shape)} is not the update's {tuple(new.shape)}"
+            )
         rows.copy_(new)
     for (module_name, param), (target, value) in full.items():
         holder = target.module
@@ -269,6 +384,13 @@ def resolve_plan(model: torch.nn.Module, base_dir: str | Path, plan) -> Changes:
         if not hasattr(target.module, "cpu_linear"):
             raise TypeError(f"output map target `{name}` is not a linear layer served by a CPU GEMM")
         change = changes.linear.setdefault(target.module_name, (target.module, LayerChange()))[1]
+        if target.parallel == "column":  # this worker holds some of the output features
+            if getattr(target.module, "num_kv_head_replicas", 1) > 1:
+                raise ValueError(f"output map on `{name}`: K/V heads replicated over workers are not supported")
+            cols = target.rows if target.rows is not None else target.module.output_size_per_partition
+            fn = _gathered(fn, cols, _tp(target.module)[1])
+        elif target.parallel == "row":
+            change.reduce_rank = _tp(target.module)[1]
         change.outputs.append((fn, target.row_offset, target.rows))
         changes.resident_bytes += _nbytes(fn)
     for name, fn in plan.inputs.items():
@@ -277,8 +399,10 @@ def resolve_plan(model: torch.nn.Module, base_dir: str | Path, plan) -> Changes:
             raise TypeError(
                 f"input map target `{name}` is not an unfused linear layer (vLLM module `{target.module_name}`)"
             )
-        changes.linear.setdefault(target.module_name, (target.module, LayerChange()))[1].inputs.append(fn)
         changes.resident_bytes += _nbytes(fn)
+        if target.parallel == "row":  # this worker sees some of the input features
+            fn = _gathered(fn, target.module.input_size_per_partition, _tp(target.module)[1])
+        changes.linear.setdefault(target.module_name, (target.module, LayerChange()))[1].inputs.append(fn)
     return changes
 
 

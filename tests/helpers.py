@@ -11,6 +11,12 @@ from deltaserve.tuning.synthetic import (  # noqa: F401 (re-exported for the tes
 )
 
 
+TUNED_TOKENS = 8
+"""Tokens asked of the tuned-delta fixtures (``min_tokens`` too: the one-digit experts would stop after one)."""
+
+IA3_NAME = "ia3-task"
+"""Task name of the IA³ delta the server tests register (the third-party kind in ``tests/kinds``)."""
+
 PROMPTS = [
     "What colour is the circle?",
     "How many shapes are there?",
@@ -128,3 +134,34 @@ class FakeEngine:
 
     async def reset_prefix_cache(self):
         return None
+
+
+def concurrent_greedy(server, tasks: list[str], images: list, requests: int, tokens: int = TUNED_TOKENS) -> list[tuple]:
+    """``requests`` concurrent greedy gRPC requests spread over ``tasks`` (``"base"``: the server's base) and
+    ``PROMPTS`` with their ``images`` (PNG bytes), each asking exactly ``tokens`` tokens. Returns (task, prompt
+    index, token ids — or the exception, which then counts as a wrong answer)."""
+    import asyncio
+
+    from deltaserve.client.aio import AsyncDeltaClient
+
+    async def load():
+        async with AsyncDeltaClient(server.grpc) as client:
+
+            async def one(task, i):
+                try:
+                    out = await client.generate(
+                        image_prompt(PROMPTS[i]),
+                        image=images[i],
+                        task=server.base_name if task == "base" else task,
+                        max_tokens=tokens,
+                        min_tokens=tokens,
+                        temperature=0,
+                    )
+                    return task, i, out.token_ids
+                except Exception as exc:  # every failure counts against the caller's check
+                    return task, i, exc
+
+            jobs = [(tasks[k % len(tasks)], (k // len(tasks)) % len(PROMPTS)) for k in range(requests)]
+            return await asyncio.gather(*(one(t, i) for t, i in jobs))
+
+    return asyncio.run(load())

@@ -8,18 +8,158 @@ kind and its ``deltaserve.plugins`` entry point) is on its ``PYTHONPATH``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+from helpers import IA3_NAME, PROMPTS, TUNED_TOKENS, hf_greedy, image_prompt, peft_model, plugin_model
 from server_process import ServerProcess
 
 THIRD_PARTY_KINDS = Path(__file__).resolve().parents[1] / "kinds"
 
 
 @pytest.fixture(scope="session")
-def server(tiny_base, tmp_path_factory):
-    path = os.pathsep.join(p for p in (str(THIRD_PARTY_KINDS), os.environ.get("PYTHONPATH")) if p)
-    srv = ServerProcess(tiny_base, tmp_path_factory.mktemp("server") / "store", env={"PYTHONPATH": path})
+def kinds_env() -> dict:
+    """Environment for a test server with the third-party kinds of ``tests/kinds`` importable."""
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(THIRD_PARTY_KINDS), os.environ.get("PYTHONPATH")) if p)}
+
+
+@pytest.fixture(scope="session")
+def server(tiny_base, tmp_path_factory, kinds_env):
+    srv = ServerProcess(tiny_base, tmp_path_factory.mktemp("server") / "store", env=kinds_env)
     yield srv
     srv.stop()
+
+
+TUNED_METHODS = {
+    "t-spider": ("spider", 0),
+    "t-magnitude": ("magnitude", 0),
+    "t-lora-a": ("lora", 1),
+    "t-lora-b": ("lora", 2),
+    "t-bottleneck": ("bottleneck", 0),
+}
+
+
+@pytest.fixture(scope="session")
+def tuned(tiny_base, tmp_path_factory):
+    """Deltas made by ``deltaserve tune`` with its defaults, briefly trained on the tiny world's digits: SPIDER and
+    magnitude masks over the projector and the last two decoder layers (RMSNorm weights included), LoRA on every
+    linear of that scope, bottleneck relu adapters on ``o_proj`` and ``down_proj``. Name → bundle directory."""
+    from deltaserve.tuning.tune import TuneConfig, tune
+    from deltaserve.tuning.world import WorldConfig, build_world
+
+    root = tmp_path_factory.mktemp("tuned")
+    world = build_world(root / "world", WorldConfig(downstream_train=96, val=4, test=4), tasks=("digits",))
+    out = {}
+    for name, (method, seed) in TUNED_METHODS.items():
+        config = TuneConfig(steps=30, batch_size=8, examples=3, seed=seed, eval_limit=4)
+        result = tune(
+            tiny_base, world["digits"], method, root / name, config, name=name, evaluate_general=False, progress=False
+        )
+        out[name] = result.path
+    return out
+
+
+@pytest.fixture(scope="session")
+def tuned_refs(tiny_base, hf_processor, sample_images, tuned):
+    """Per task (``base`` and each tuned delta), transformers' greedy tokens for each of ``PROMPTS`` with its
+    sample image: PEFT for LoRA, the other kinds applied through their plugin. Checked non-degenerate."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    models = {"base": LlavaForConditionalGeneration.from_pretrained(str(tiny_base), dtype=torch.float32).eval()}
+    for name, path in tuned.items():
+        lora = TUNED_METHODS[name][0] == "lora"
+        models[name] = peft_model(tiny_base, path) if lora else plugin_model(tiny_base, path)
+    out = {
+        name: [
+            hf_greedy(m, hf_processor, image_prompt(q), sample_images[i], TUNED_TOKENS, TUNED_TOKENS)
+            for i, q in enumerate(PROMPTS)
+        ]
+        for name, m in models.items()
+    }
+    for name, outputs in out.items():  # non-degenerate: distinct across prompts, and not the base's answers
+        assert len({tuple(o) for o in outputs}) == len(outputs), (name, outputs)
+        assert name == "base" or outputs != out["base"], f"{name} gives the base's outputs"
+    return out
+
+
+def _modules(tiny_base) -> tuple[list[str], list[str]]:
+    from deltaserve.plugins.base_spec import BaseSpec
+
+    shapes = BaseSpec.from_dir(tiny_base).module_shapes()
+    layers = sorted({int(m.split(".layers.")[1].split(".")[0]) for m in shapes if ".layers." in m and "language" in m})
+    modules = [
+        m
+        for m in shapes
+        if m.startswith("language_model.")
+        and any(f".layers.{i}." in m for i in layers[-2:])
+        and m.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "down_proj")
+    ]
+    return sorted(modules), sorted(m for m in modules if m.endswith("down_proj"))
+
+
+@pytest.fixture(scope="session")
+def ia3(tiny_base, tmp_path_factory):
+    """An IA³ bundle (the third-party kind of ``tests/kinds``): rescales ``k_proj``/``v_proj`` outputs and the
+    ``down_proj`` input of the last two decoder layers. (bundle path, module → vector, feed-forward modules)."""
+    import torch
+
+    from deltaserve.plugins.base_spec import BaseSpec
+    from deltaserve.plugins.writer import write_bundle
+
+    modules, feedforward = _modules(tiny_base)
+    shapes = BaseSpec.from_dir(tiny_base).module_shapes()
+    gen = torch.Generator().manual_seed(7)
+    vectors = {
+        m: 1 + 0.9 * torch.randn(shapes[m][1] if m in feedforward else shapes[m][0], generator=gen) for m in modules
+    }
+    path = write_bundle(
+        tmp_path_factory.mktemp("ia3") / "bundle",
+        name=IA3_NAME,
+        kind="ia3",
+        base=BaseSpec.from_dir(tiny_base),
+        config={"modules": modules, "feedforward": feedforward},
+        files={"ia3.safetensors": {f"{m}.ia3_l": v for m, v in vectors.items()}},
+        validate=False,  # the kind is installed in the server, not in this process
+    )
+    return path, vectors, feedforward
+
+
+@pytest.fixture(scope="session")
+def ia3_refs(tiny_base, hf_processor, sample_images, ia3):
+    """Greedy tokens per task (``base``, ``IA3_NAME``) and prompt from PEFT's own IA³ (not the kind's code)."""
+    import torch
+    from peft import IA3Config, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    from deltaserve.plugins.naming import checkpoint_to_module
+
+    _, vectors, feedforward = ia3
+
+    def model():
+        return LlavaForConditionalGeneration.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+
+    base = model()
+    config = IA3Config(
+        target_modules=[checkpoint_to_module(m) for m in vectors],
+        feedforward_modules=[checkpoint_to_module(m) for m in feedforward],
+    )
+    tuned = get_peft_model(model(), config)
+    by_module = {checkpoint_to_module(m): v for m, v in vectors.items()}
+    loaded = 0
+    for name, module in tuned.named_modules():
+        key = re.sub(r"^base_model\.model\.", "", name)
+        if hasattr(module, "ia3_l") and key in by_module:
+            with torch.no_grad():
+                module.ia3_l["default"].copy_(by_module[key].reshape(module.ia3_l["default"].shape))
+            loaded += 1
+    assert loaded == len(vectors)
+    out = {}
+    for task, m in (("base", base), (IA3_NAME, tuned)):
+        out[task] = [
+            hf_greedy(m, hf_processor, image_prompt(q), sample_images[i], TUNED_TOKENS) for i, q in enumerate(PROMPTS)
+        ]
+    assert out[IA3_NAME] != out["base"] and len({tuple(o) for o in out[IA3_NAME]}) == len(PROMPTS)
+    return out
