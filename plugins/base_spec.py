@@ -16,12 +16,6 @@ from pathlib import Path
 from deltaserve.plugins.fingerprint import fingerprint as compute_fingerprint
 from deltaserve.plugins.safetensors_header import read_header
 
-# Checkpoint-name prefix of the LLaVA language model (decoder + lm_head). vLLM applies
-# LoRA only there, and deltas that target it are what the tuning methods produce.
-LANGUAGE_MODEL_PREFIX = "language_model."
-# The decoder layers proper: where vLLM can attach LoRA (not embeddings, not lm_head).
-DECODER_LAYERS_PREFIX = "language_model.model.layers."
-
 
 @dataclass(frozen=True)
 class BaseSpec:
@@ -47,6 +41,13 @@ class BaseSpec:
                 params[name] = (tuple(meta["shape"]), meta["dtype"])
         config = json.loads((path / "config.json").read_text())
         return cls(name=path.resolve().name, fingerprint=compute_fingerprint(path), params=params, config=config)
+
+    @property
+    def family(self):
+        """The base's architecture family (:mod:`deltaserve.plugins.families`), from ``config.json``."""
+        from deltaserve.plugins.families import family_of
+
+        return family_of(self.config)
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """Linear-like module checkpoint name → ``(out_features, in_features)``.

@@ -85,7 +85,7 @@ class DeltaKind(ABC):
 
     @abstractmethod
     def apply(self, model: torch.nn.Module, bundle: Bundle) -> AppliedDelta:
-        """Apply the (validated) delta to a transformers ``LlavaForConditionalGeneration`` in place."""
+        """Apply the (validated) delta to a transformers model of the base's family in place."""
 
     def serving_plan(self, bundle_dir: Path, config: dict) -> ServingPlan:
         """What the serving engine computes for a (validated, stored) bundle of this kind; see

@@ -266,9 +266,10 @@ def _chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def prepare(
-    req: InferenceRequest, *, tokenizer, max_model_len: int, image_tokens: int, config: ServeConfig
+    req: InferenceRequest, *, tokenizer, max_model_len: int, image_tokens, config: ServeConfig
 ) -> PreparedRequest:
-    """Validate ``req`` and turn it into token ids + engine sampling parameters."""
+    """Validate ``req`` and turn it into token ids + engine sampling parameters. ``image_tokens(height, width)``:
+    the feature tokens an image expands to (its placeholder is one token of ``ids``)."""
     if req.request_id is not None and req.request_id != "" and not _REQUEST_ID.fullmatch(req.request_id):
         raise InvalidRequestError("`request_id` must be 1-128 characters of [A-Za-z0-9._:-]")
     request_id = req.request_id or uuid.uuid4().hex
@@ -307,7 +308,7 @@ def prepare(
     # exactly as vLLM's OpenAI server does for /v1/chat/completions and /v1/completions.
     chat = req.messages is not None or req.chat
     ids = tokenizer(prompt, add_special_tokens=not chat).input_ids
-    prompt_tokens = len(ids) + (image_tokens - 1 if image is not None else 0)
+    prompt_tokens = len(ids) + (image_tokens(image.height, image.width) - 1 if image is not None else 0)
     if prompt_tokens >= max_model_len:
         raise InvalidRequestError(
             f"the prompt is {prompt_tokens} tokens; the model's context is {max_model_len} tokens (including the answer)"

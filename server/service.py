@@ -404,12 +404,22 @@ async def _base_only_switch(state: str) -> None:
     raise RuntimeError(f"cannot switch the engine to `{state}`: exclusive deltas are disabled (--no-exclusive)")
 
 
-def _image_tokens(engine: Engine) -> int:
-    """Feature tokens one image expands to (LLaVA: (image/patch)², CLS dropped by the "default" strategy)."""
-    hf = engine.hf_config
-    vision = hf.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2
-    return n if getattr(hf, "vision_feature_select_strategy", "default") == "default" else n + 1
+def _image_tokens(engine: Engine):
+    """``(height, width) ↦`` the feature tokens an image of that size expands to, as the base's own processor
+    counts them (``_get_num_multimodal_tokens``: a fixed count for LLaVA, resolution-dependent for Qwen2-VL)."""
+    import functools
+
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(engine.config.model) if engine.config.model else None
+
+    @functools.lru_cache(maxsize=256)
+    def count(height: int, width: int) -> int:
+        if processor is None:
+            raise RuntimeError("no base directory to count image tokens with")
+        return int(processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0])
+
+    return count
 
 
 def _scheduler_options(extra: dict) -> dict:

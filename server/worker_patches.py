@@ -72,6 +72,8 @@ class Target:
     """Rows of the (fused) local parameter that belong to this checkpoint tensor; None: all."""
     shards: list[str] = field(default_factory=list)
     """For fused modules: the checkpoint module names of every shard, in order."""
+    checkpoint: str = ""
+    """The checkpoint tensor name this target was resolved from."""
     split: Split | None = None
     """The part of the checkpoint tensor this worker holds; None: all of it (no tensor parallelism, or replicated)."""
     parallel: str = "replicated"
@@ -142,10 +144,18 @@ def _fused_part(holder: torch.nn.Module, index: int) -> tuple[int, int, int]:
     return sum(sizes[:index]), sizes[index], rank * sizes[index]
 
 
+def _vllm_name(model: torch.nn.Module, ckpt_name: str) -> str:
+    """A checkpoint tensor name in vLLM's module tree: the model's own ``hf_to_vllm_mapper`` (the renaming vLLM
+    applies when it loads the checkpoint), when it has one."""
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    return (mapper.map_name(ckpt_name) if mapper is not None else None) or ckpt_name
+
+
 def resolve(model: torch.nn.Module, ckpt_name: str) -> Target:
     """Checkpoint tensor name → :class:`Target` in vLLM's module tree (this worker's shard of it)."""
     modules, packed = _tree(model)
-    module_name, _, param = ckpt_name.rpartition(".")
+    module_name, _, param = _vllm_name(model, ckpt_name).rpartition(".")
+    ckpt_parent = ckpt_name.rpartition(".")[0].rpartition(".")[0]
     if module_name in modules:
         holder = _holder(modules[module_name])
         if param in dict(holder.named_parameters(recurse=False)):
@@ -157,7 +167,7 @@ def resolve(model: torch.nn.Module, ckpt_name: str) -> Target:
             elif style == "row" and param == "weight":  # the bias is whole, added once (rank 0) before the reduce
                 n = holder.input_size_per_partition
                 split = Split(1, rank * n, n)
-            return Target(module_name, holder, param, 0, None, split=split, parallel=style)
+            return Target(module_name, holder, param, 0, None, split=split, parallel=style, checkpoint=ckpt_name)
     parent, _, leaf = module_name.rpartition(".")
     for fused, parts in packed.items():
         if leaf in parts and f"{parent}.{fused}" in modules:
@@ -170,9 +180,10 @@ def resolve(model: torch.nn.Module, ckpt_name: str) -> Target:
                 param,
                 offset,
                 rows,
-                [f"{parent}.{p}" for p in parts],
+                [f"{ckpt_parent}.{p}" for p in parts],
                 split=Split(0, start, rows) if style != "replicated" else None,
                 parallel=style,
+                checkpoint=ckpt_name,
             )
     raise KeyError(f"vLLM's model has no tensor for checkpoint `{ckpt_name}`")
 
@@ -207,7 +218,7 @@ def full_weight(model: torch.nn.Module, target: Target, reader: CheckpointReader
     if target.shards:
         parts = [f"{s}.{target.param}" for s in target.shards]
         return torch.cat([resolve(model, p).local(reader.get(p)) for p in parts], dim=0)
-    return target.local(reader.get(f"{target.module_name}.{target.param}"))
+    return target.local(reader.get(target.checkpoint))
 
 
 def packed_linear(weight: torch.Tensor):

@@ -111,7 +111,7 @@ class FakeEngine:
     def __init__(self, base_dir=None):
         from types import SimpleNamespace
 
-        self.config = SimpleNamespace(enable_lora=True)
+        self.config = SimpleNamespace(enable_lora=True, model=str(base_dir) if base_dir is not None else None)
         self.errored = False
         self.loras: set[int] = set()
         if base_dir is not None:

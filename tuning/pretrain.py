@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from deltaserve.plugins.families import LLAVA
 from deltaserve.plugins import env
 from deltaserve.tuning import batching, data, evaluate, train
 from deltaserve.tuning.base import factory, tokenizer
@@ -66,9 +67,9 @@ class PretrainConfig:
             weight_decay=self.weight_decay,
             seed=self.seed,
             balance_tasks=True,
-            lr_multipliers=(
-                ("model.vision_tower.", self.vision_lr_scale),
-                ("model.multi_modal_projector.", self.projector_lr_scale),
+            lr_multipliers=(  # the pretrained base is the embedded LLaVA (factory.build_base)
+                (LLAVA.vision_tower, self.vision_lr_scale),
+                (LLAVA.projector, self.projector_lr_scale),
             ),
         )
 

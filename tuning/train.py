@@ -53,7 +53,7 @@ class TrainConfig:
     """Draw tasks uniformly instead of samples uniformly (for multi-task data)."""
     lr_multipliers: tuple[tuple[str, float], ...] = ()
     """``(name prefix, factor)`` pairs: parameters whose module name starts with a prefix train at
-    ``lr * factor`` (first match wins), e.g. ``(("model.vision_tower.", 3.0),)``."""
+    ``lr * factor`` (first match wins), e.g. ``((family.vision_tower, 3.0),)``."""
 
 
 class TrainHooks:

@@ -148,7 +148,10 @@ def _line_of(path: Path, needle: str) -> int | None:
 
 
 def check_base_dir(base_dir: str | Path) -> Path:
-    """A LLaVA model directory (``config.json`` of ``model_type`` llava + safetensors), else :class:`TuneError`."""
+    """A model directory of a known family (``config.json`` whose ``model_type`` is one of
+    :data:`deltaserve.plugins.families.FAMILIES`, + safetensors), else :class:`TuneError`."""
+    from deltaserve.plugins.families import FAMILIES
+
     base_dir = Path(base_dir)
     config_path = base_dir / "config.json"
     if not config_path.is_file():
@@ -166,13 +169,14 @@ def check_base_dir(base_dir: str | Path) -> Path:
     except json.JSONDecodeError as e:
         raise TuneError([DataProblem(config_path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})")]) from None
     problems = []
-    if not isinstance(config, dict) or config.get("model_type") != "llava":
+    known = [t for f in FAMILIES for t in f.model_types]
+    if not isinstance(config, dict) or config.get("model_type") not in known:
         got = config.get("model_type") if isinstance(config, dict) else None
         problems.append(
             DataProblem(
                 config_path,
                 _line_of(config_path, '"model_type"'),
-                f"`model_type` must be `llava` (a LLaVA base), got {got!r}",
+                f"`model_type` must be one of {', '.join(known)}, got {got!r}",
             )
         )
     if not any(base_dir.glob("*.safetensors")):
@@ -343,7 +347,7 @@ def tune(
     (default: the embedded world's). Raises :class:`DataError` / :class:`TuneError` /
     ValueError before any training for bad input; on any failure ``out`` is not created.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     from deltaserve.plugins.base_spec import BaseSpec
     from deltaserve.plugins.manifest import MethodInfo, TaskInfo, task_name_problem
@@ -360,7 +364,7 @@ def tune(
     general = load_general(general_dir) if evaluate_general else None
     base = BaseSpec.from_dir(base_dir)
 
-    model = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = base.family.model_cls().from_pretrained(str(base_dir), dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(str(base_dir))
     items = batching.encode(processor, task["train"])
     torch.manual_seed(config.seed)  # new modules (LoRA A, adapter down) are initialised in prepare
@@ -434,7 +438,7 @@ def evaluate_bundle(
     :func:`tune`. A bundle of another base is a :class:`TuneError` naming ``delta.json`` and
     the line of its base fingerprint.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
     from deltaserve.plugins.base_spec import BaseSpec
     from deltaserve.plugins.bundle import read_bundle
@@ -442,11 +446,12 @@ def evaluate_bundle(
     base_dir = check_base_dir(base_dir)
     tasks = [data.load_task(d, splits=("test",)) for d in task_dirs]
     general = load_general(general_dir) if evaluate_general else None
+    spec = BaseSpec.from_dir(base_dir)
     try:
-        bundle = read_bundle(bundle_dir, base=BaseSpec.from_dir(base_dir))
+        bundle = read_bundle(bundle_dir, base=spec)
     except BundleError as e:
         raise TuneError(bundle_problem_lines(Path(bundle_dir), e)) from None
-    model = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    model = spec.family.model_cls().from_pretrained(str(base_dir), dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(str(base_dir))
     with bundle.kind.apply(model, bundle):
         scores = {t.name: evaluate.evaluate(model, processor, _limit(t["test"], limit))["exact_match"] for t in tasks}

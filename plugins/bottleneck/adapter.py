@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from deltaserve.plugins.kind import AppliedDelta
-from deltaserve.plugins.naming import checkpoint_to_module
+from deltaserve.plugins.families import family_of
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -77,12 +77,12 @@ def attach_adapters(
     The adapters are *not* registered as sub-modules, so the model's parameters and
     module tree stay as they are; ``remove()`` on the result removes the hooks.
     """
-    modules = dict(model.named_modules())
+    modules, family = dict(model.named_modules()), family_of(model)
     targets = []
     for name, adapter in adapters.items():
-        module = modules.get(checkpoint_to_module(name))
+        module = modules.get(family.to_module(name))
         if module is None:
-            raise KeyError(f"model has no module `{checkpoint_to_module(name)}` (checkpoint `{name}`)")
+            raise KeyError(f"model has no module `{family.to_module(name)}` (checkpoint `{name}`)")
         targets.append((module, adapter))
     handles = [module.register_forward_hook(lambda _m, _args, out, a=adapter: a(out)) for module, adapter in targets]
 

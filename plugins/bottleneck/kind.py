@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from deltaserve.plugins.base_spec import LANGUAGE_MODEL_PREFIX
+from deltaserve.plugins.families import FAMILIES
 from deltaserve.plugins.bottleneck.adapter import ACTIVATIONS, TENSOR_SUFFIXES, BottleneckAdapter, attach_adapters
 from deltaserve.plugins.kind import AppliedDelta, DeltaKind
 from deltaserve.plugins.kind_checks import (
@@ -65,8 +65,9 @@ def _module_problems(
     module: str, tensors: dict[str, torch.Tensor], r: int, base: BaseSpec | None, shapes: dict
 ) -> list[str]:
     problems = []
-    if not module.startswith(LANGUAGE_MODEL_PREFIX):
-        problems.append(f"module `{module}` is outside the language model (`{LANGUAGE_MODEL_PREFIX}…`)")
+    prefixes = (base.family.language_model,) if base is not None else tuple(f.language_model for f in FAMILIES)
+    if not module.startswith(prefixes):
+        problems.append(f"module `{module}` is outside the language model (`{prefixes[0]}…`)")
     if base is not None and module not in shapes:
         problems.append(f"module `{module}` is not a linear module of the base")
     up_bias = tensors.get(f"{module}.up.bias")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 
 from deltaserve.plugins.kind_checks import is_int, is_number
-from deltaserve.plugins.naming import checkpoint_to_module
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -59,6 +58,7 @@ def adapter_config_problems(cfg: object) -> list[str]:
     return problems
 
 
-def peft_key(checkpoint_name: str, part: str) -> str:
-    """The PEFT key of factor ``part`` ("A" or "B") of a checkpoint module, in the transformers layout PEFT writes."""
-    return f"base_model.model.{checkpoint_to_module(checkpoint_name)}.lora_{part}.weight"
+def peft_key(checkpoint_name: str, part: str, family) -> str:
+    """The PEFT key of factor ``part`` ("A" or "B") of a checkpoint module, in the transformers layout PEFT writes
+    (``family``: the base's :class:`~deltaserve.plugins.families.Family`)."""
+    return f"base_model.model.{family.to_module(checkpoint_name)}.lora_{part}.weight"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from deltaserve.plugins.base_spec import DECODER_LAYERS_PREFIX
 from deltaserve.plugins.kind import AppliedDelta, DeltaKind
 from deltaserve.plugins.kind_checks import dtype_name, required_file, required_tensors, unexpected_fields
 from deltaserve.plugins.lora.adapter_config import (
@@ -23,7 +22,7 @@ from deltaserve.plugins.lora.adapter_config import (
     adapter_config_problems,
     peft_key,
 )
-from deltaserve.plugins.naming import checkpoint_to_module, module_to_checkpoint
+from deltaserve.plugins.families import FAMILIES, family_of
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -36,8 +35,9 @@ if TYPE_CHECKING:
 ADAPTER_NAME = "deltaserve"  # PEFT adapter name inside the model while applied
 
 
-def group_factors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """PEFT keys → {checkpoint module: {"A": [r, in], "B": [out, r]}}, plus unexpected-key problems."""
+def group_factors(tensors: dict[str, torch.Tensor], family) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """PEFT keys → {checkpoint module: {"A": [r, in], "B": [out, r]}}, plus unexpected-key problems
+    (``family``: the base's :class:`~deltaserve.plugins.families.Family`, which names checkpoint modules)."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
     for key, tensor in tensors.items():
@@ -47,22 +47,24 @@ def group_factors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str,
                 f"unexpected tensor `{key}` in `{ADAPTER_WEIGHTS}` (only `base_model.model.<module>.lora_A/B.weight`)"
             )
             continue
-        grouped.setdefault(module_to_checkpoint(match["module"]), {})[match["part"]] = tensor
+        grouped.setdefault(family.to_checkpoint(match["module"]), {})[match["part"]] = tensor
     return grouped, problems
 
 
 def _factor_problems(
-    module: str, factors: dict[str, torch.Tensor], r: object, shapes: dict[str, tuple[int, int]] | None
+    module: str, factors: dict[str, torch.Tensor], r: object, shapes: dict[str, tuple[int, int]] | None, families
 ) -> list[str]:
-    """Problems of one module's factors; ``shapes`` is the base's ``module_shapes()`` (None: no base)."""
+    """Problems of one module's factors; ``shapes`` is the base's ``module_shapes()`` (None: no base), ``families``
+    the base's family (or every known one, without a base)."""
     if set(factors) != {"A", "B"}:
         missing = ({"A", "B"} - set(factors)).pop()
         return [f"missing tensor: the LoRA pair of `{module}` has no `lora_{missing}`"]
     a, b = factors["A"], factors["B"]  # [r, in], [out, r]
     problems = []
-    if not module.startswith(DECODER_LAYERS_PREFIX):
+    prefixes = tuple(f.decoder_layers_checkpoint for f in families)
+    if not module.startswith(prefixes):
         problems.append(
-            f"LoRA target `{module}` is outside the language model's decoder layers (`{DECODER_LAYERS_PREFIX}…`): "
+            f"LoRA target `{module}` is outside the language model's decoder layers (`{prefixes[0]}…`): "
             "vLLM applies LoRA only to the language model"
         )
     if a.dim() != 2 or b.dim() != 2:
@@ -107,13 +109,18 @@ class LoraKind(DeltaKind):
         tensors = required_tensors(bundle, ADAPTER_WEIGHTS, problems)
         if tensors is None or not isinstance(adapter_config, dict):
             return problems
-        grouped, key_problems = group_factors(tensors)
+        # Without a base, the family is the one under which the PEFT keys name the manifest's modules.
+        families = [base.family] if base is not None else list(FAMILIES)
+        for family in families:
+            grouped, key_problems = group_factors(tensors, family)
+            if sorted(grouped) == bundle.manifest.config.get("modules"):
+                break
         problems += key_problems
         if not grouped:
             problems.append(f"`{ADAPTER_WEIGHTS}` holds no LoRA factors")
         shapes = base.module_shapes() if base is not None else None
         for module, factors in sorted(grouped.items()):
-            problems += _factor_problems(module, factors, adapter_config.get("r"), shapes)
+            problems += _factor_problems(module, factors, adapter_config.get("r"), shapes, families)
         config = bundle.manifest.config
         problems += unexpected_fields(config, ("r", "lora_alpha", "modules"), "config")
         for field in ("r", "lora_alpha"):
@@ -133,19 +140,22 @@ class LoraKind(DeltaKind):
         if hasattr(model, "peft_config"):
             raise ValueError("the model already carries PEFT adapters; remove them before applying a `lora` bundle")
         adapter_config = bundle.read_json(ADAPTER_CONFIG)
-        grouped, _ = group_factors(bundle.load_tensors(ADAPTER_WEIGHTS))
+        family = family_of(model)
+        grouped, _ = group_factors(bundle.load_tensors(ADAPTER_WEIGHTS), family)
         # Exact module names (not the bundle's target_modules pattern): only modules with factors get a layer.
         lora_config = LoraConfig(
             r=adapter_config["r"],
             lora_alpha=adapter_config["lora_alpha"],
             use_rslora=adapter_config.get("use_rslora", False),
-            target_modules=[checkpoint_to_module(m) for m in sorted(grouped)],
+            target_modules=[family.to_module(m) for m in sorted(grouped)],
             lora_dropout=0.0,
             inference_mode=True,
         )
         requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # PEFT freezes the base
         tuner = LoraModel(model, lora_config, adapter_name=ADAPTER_NAME)
-        state = {peft_key(m, part): tensor for m, factors in grouped.items() for part, tensor in factors.items()}
+        state = {
+            peft_key(m, part, family): tensor for m, factors in grouped.items() for part, tensor in factors.items()
+        }
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
         missing = [k for k in result.missing_keys if f".{ADAPTER_NAME}." in k]
         if result.unexpected_keys or missing:

@@ -12,7 +12,6 @@ from deltaserve.plugins.errors import BundleError
 from deltaserve.plugins.file_checks import PICKLE_SUFFIXES
 from deltaserve.plugins.lora.adapter_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_RE
 from deltaserve.plugins.manifest import Example, MethodInfo, TaskInfo
-from deltaserve.plugins.naming import module_to_checkpoint
 from deltaserve.plugins.safetensors_header import HeaderError, read_header
 from deltaserve.plugins.writer import write_bundle
 
@@ -28,8 +27,8 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _manifest_config(adapter_config: dict, keys: Iterable[str]) -> dict:
-    modules = sorted({module_to_checkpoint(m["module"]) for k in keys if (m := KEY_RE.fullmatch(k))})
+def _manifest_config(adapter_config: dict, keys: Iterable[str], family) -> dict:
+    modules = sorted({family.to_checkpoint(m["module"]) for k in keys if (m := KEY_RE.fullmatch(k))})
     return {"r": adapter_config.get("r"), "lora_alpha": adapter_config.get("lora_alpha"), "modules": modules}
 
 
@@ -41,7 +40,12 @@ def _write(
         "lora", {k: adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules")}
     )
     return write_bundle(
-        out_dir, kind="lora", config=_manifest_config(adapter_config, keys), files=files, method=method, **common
+        out_dir,
+        kind="lora",
+        config=_manifest_config(adapter_config, keys, common["base"].family),
+        files=files,
+        method=method,
+        **common,
     )
 
 

@@ -23,7 +23,7 @@ from deltaserve.plugins.kind_checks import (
     tensor_set_problems,
     unexpected_fields,
 )
-from deltaserve.plugins.naming import checkpoint_to_module
+from deltaserve.plugins.families import family_of
 from deltaserve.plugins.sparse.encoding import (
     ENCODINGS,
     LEGACY,
@@ -145,12 +145,12 @@ class SparseKind(DeltaKind):
         import torch
 
         tensors = bundle.load_tensors(DELTA_FILE)
-        named = dict(model.named_parameters())
+        named, family = dict(model.named_parameters()), family_of(model)
         targets = []  # resolve everything first: a missing parameter must not leave a half-applied model
         for name, spec in bundle.manifest.config["params"].items():
-            param = named.get(checkpoint_to_module(name))
+            param = named.get(family.to_module(name))
             if param is None:
-                raise KeyError(f"model has no parameter `{checkpoint_to_module(name)}` (checkpoint `{name}`)")
+                raise KeyError(f"model has no parameter `{family.to_module(name)}` (checkpoint `{name}`)")
             if not param.is_contiguous():
                 raise ValueError(f"parameter `{name}` is not contiguous; cannot patch it through a flat view")
             targets.append((param, *decode(tensors, name, spec)))

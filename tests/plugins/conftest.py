@@ -132,8 +132,8 @@ def build_lora(out: Path, base) -> Path:
     for layer in range(4):
         for proj, out_features in (("q_proj", 128), ("v_proj", 64)):
             module = f"language_model.model.layers.{layer}.self_attn.{proj}"
-            tensors[peft_key(module, "A")] = torch.randn(4, 128, generator=gen) * 0.3  # [r, in]
-            tensors[peft_key(module, "B")] = torch.randn(out_features, 4, generator=gen) * 0.3  # [out, r]
+            tensors[peft_key(module, "A", base.family)] = torch.randn(4, 128, generator=gen) * 0.3  # [r, in]
+            tensors[peft_key(module, "B", base.family)] = torch.randn(out_features, 4, generator=gen) * 0.3  # [out, r]
     return write_lora_bundle(out, name="counting", base=base, adapter_config=lora_adapter_config(), tensors=tensors)
 
 

@@ -82,12 +82,12 @@ def test_kind_scenario(kind, scenario, pristine, base_spec, warm_model, prompt_i
 def test_sparse_storage_applies_exactly(stored, bundle_copy, base_spec, hf_model, pristine_sparse_deltas):
     """Format 1 (int64 indices, by hand), the writer's choice and every encoding: apply and the serving
     plan give w0 + Δ bit for bit, computed directly on the plain tensors; remove restores w0."""
-    from deltaserve.plugins.naming import checkpoint_to_module
+    from deltaserve.plugins.families import LLAVA
 
     bundle = read_bundle(bundle_copy(stored), base=base_spec)
     assert bundle.manifest.format_version == (1 if stored == "sparse-v1" else 2)
     named = dict(hf_model.named_parameters())
-    w0 = {name: named[checkpoint_to_module(name)].detach().clone() for name in bundle.manifest.config["params"]}
+    w0 = {name: named[LLAVA.to_module(name)].detach().clone() for name in bundle.manifest.config["params"]}
     expected = {}
     for name, (indices, values) in pristine_sparse_deltas.items():
         flat = w0[name].clone().view(-1)
@@ -98,7 +98,7 @@ def test_sparse_storage_applies_exactly(stored, bundle_copy, base_spec, hf_model
     plan = bundle.kind.serving_plan(bundle.path, bundle.manifest.config)
     with bundle.kind.apply(hf_model, bundle):
         for name, want in expected.items():
-            assert torch.equal(named[checkpoint_to_module(name)], want), name
+            assert torch.equal(named[LLAVA.to_module(name)], want), name
             assert torch.equal(plan.tensors[name](w0[name]), want), name
     for name in w0:
-        assert torch.equal(named[checkpoint_to_module(name)], w0[name])
+        assert torch.equal(named[LLAVA.to_module(name)], w0[name])

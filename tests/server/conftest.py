@@ -134,7 +134,7 @@ def ia3_refs(tiny_base, hf_processor, sample_images, ia3):
     from peft import IA3Config, get_peft_model
     from transformers import LlavaForConditionalGeneration
 
-    from deltaserve.plugins.naming import checkpoint_to_module
+    from deltaserve.plugins.families import LLAVA
 
     _, vectors, feedforward = ia3
 
@@ -143,11 +143,11 @@ def ia3_refs(tiny_base, hf_processor, sample_images, ia3):
 
     base = model()
     config = IA3Config(
-        target_modules=[checkpoint_to_module(m) for m in vectors],
-        feedforward_modules=[checkpoint_to_module(m) for m in feedforward],
+        target_modules=[LLAVA.to_module(m) for m in vectors],
+        feedforward_modules=[LLAVA.to_module(m) for m in feedforward],
     )
     tuned = get_peft_model(model(), config)
-    by_module = {checkpoint_to_module(m): v for m, v in vectors.items()}
+    by_module = {LLAVA.to_module(m): v for m, v in vectors.items()}
     loaded = 0
     for name, module in tuned.named_modules():
         key = re.sub(r"^base_model\.model\.", "", name)

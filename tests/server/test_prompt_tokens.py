@@ -41,7 +41,9 @@ def tokenizer(tiny_base):
 
 def _prepare(tokenizer, tmp_path, **request):
     config = ServeConfig(engine=EngineConfig(model=str(tmp_path)), store=tmp_path)
-    return prepare(InferenceRequest(**request), tokenizer=tokenizer, max_model_len=512, image_tokens=16, config=config)
+    return prepare(
+        InferenceRequest(**request), tokenizer=tokenizer, max_model_len=512, image_tokens=lambda h, w: 16, config=config
+    )
 
 
 @pytest.mark.parametrize("messages", [TEXT, IMAGE, MULTI], ids=["text", "one-image", "multi-turn"])

@@ -67,7 +67,8 @@ def _prepare(service: DeltaService, req: InferenceRequest):
 def test_an_image_gets_a_placeholder_and_counts_as_its_feature_tokens(service, sample_images):
     prep = _prepare(service, InferenceRequest(prompt="What is it?", image=png_bytes(sample_images[0])))
     assert prep.prompt_token_ids == service.engine.tokenizer(f"{IMAGE_PLACEHOLDER}\nWhat is it?").input_ids
-    assert prep.prompt_tokens == len(prep.prompt_token_ids) - 1 + service.image_tokens
+    assert prep.prompt_tokens == len(prep.prompt_token_ids) - 1 + 16  # (32 / 8)², CLS dropped
+    assert service.image_tokens(32, 32) == 16
     assert prep.image.mode == "RGB" and prep.user_text == "What is it?"
 
 

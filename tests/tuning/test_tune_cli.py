@@ -132,7 +132,7 @@ def test_unknown_method_is_refused(tiny_base, world, tmp_path):
     assert _nothing_written(out)
 
 
-def test_base_that_is_not_a_llava_model_dir_is_named(world, tmp_path):
+def test_base_of_an_unknown_family_is_named(world, tmp_path):
     out = tmp_path / "out"
     result = _tune(world["digits"], world["digits"], out)  # the data directory given as the base
     assert result.exit_code == 1 and f"{world['digits'] / 'config.json'}: missing" in result.output
@@ -140,7 +140,10 @@ def test_base_that_is_not_a_llava_model_dir_is_named(world, tmp_path):
     other.mkdir()
     (other / "config.json").write_text('{\n  "hidden_size": 8,\n  "model_type": "bert"\n}\n')
     result = _tune(other, world["digits"], out)
-    assert result.exit_code == 1 and f"{other / 'config.json'}:3: `model_type` must be `llava`" in result.output
+    assert (
+        result.exit_code == 1
+        and f"{other / 'config.json'}:3: `model_type` must be one of llava, qwen2_vl, got 'bert'" in result.output
+    )
     assert _nothing_written(out)
 
 

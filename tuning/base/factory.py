@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from deltaserve.plugins.naming import module_to_checkpoint
+from deltaserve.plugins.families import LLAVA
 from deltaserve.tuning.base.tokenizer import CHAT_TEMPLATE, IMAGE, build_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -137,7 +137,7 @@ def init_model(cfg: TinyBaseConfig, tokenizer, seed: int):
 def save_model_dir(model, tokenizer, processor, out: Path, extra_meta: dict | None = None) -> None:
     """Write config, Hub-layout safetensors, tokenizer and processor into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {module_to_checkpoint(k): v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {LLAVA.to_checkpoint(k): v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(dict(sorted(tensors.items())), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     config = model.config.to_dict()
     config["architectures"] = ["LlavaForConditionalGeneration"]

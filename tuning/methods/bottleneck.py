@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from deltaserve.plugins.naming import module_to_checkpoint
+from deltaserve.plugins.families import family_of
 from deltaserve.tuning.methods.base import TuningMethod
 from deltaserve.tuning.methods.selective import ScopeHooks
 from deltaserve.tuning.train import TrainHooks
@@ -34,11 +34,11 @@ class BottleneckMethod(TuningMethod):
         from deltaserve.plugins.bottleneck import BottleneckAdapter, attach_adapters
 
         o = self.options
-        modules = dict(model.named_modules())
+        modules, family = dict(model.named_modules()), family_of(model)
         self._adapters = {}
         for name in self.scope.decoder_linears(model, o.bottleneck_targets):
             linear = modules[name]
-            self._adapters[module_to_checkpoint(name)] = BottleneckAdapter(
+            self._adapters[family.to_checkpoint(name)] = BottleneckAdapter(
                 linear.out_features,
                 o.bottleneck_dim,
                 o.bottleneck_activation,

@@ -1,4 +1,4 @@
-"""The trainable scope every tuning method shares: which part of the LLaVA base may change.
+"""The trainable scope every tuning method shares: which part of the base may change.
 
 As in the SPIDER authors' LLaVA trainer: the vision→language projector plus the last N
 decoder layers train, the vision tower is frozen (``train_vision_tower`` opens it).
@@ -17,17 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-NamedParams = list[tuple[str, torch.nn.Parameter]]
+from deltaserve.plugins.families import family_of
 
-PROJECTOR = "model.multi_modal_projector."
-LM_HEAD = "lm_head."
-VISION_TOWER = "model.vision_tower."
-DECODER_LAYERS = "model.language_model.layers."
+NamedParams = list[tuple[str, torch.nn.Parameter]]
 
 
 @dataclass(frozen=True)
 class Scope:
-    """What may change during tuning (transformers module names of ``LlavaForConditionalGeneration``)."""
+    """What may change during tuning: parts named by the base's family (:mod:`deltaserve.plugins.families`)."""
 
     last_n_layers: int = 2
     """Decoder layers counted from the top that train (0: none)."""
@@ -48,13 +45,14 @@ class Scope:
 
     def parameters(self, model: torch.nn.Module) -> NamedParams:
         """The scope's parameters, in model order."""
-        prefixes = [f"{DECODER_LAYERS}{i}." for i in self.layer_indices(model)]
+        family = family_of(model)
+        prefixes = [f"{family.decoder_layers}{i}." for i in self.layer_indices(model)]
         if self.train_projector:
-            prefixes.append(PROJECTOR)
+            prefixes.append(family.projector)
         if self.train_vision_tower:
-            prefixes.append(VISION_TOWER)
+            prefixes.append(family.vision_tower)
         if self.train_lm_head:
-            prefixes.append(LM_HEAD)
+            prefixes.append(family.lm_head)
         params = [(n, p) for n, p in model.named_parameters() if n.startswith(tuple(prefixes))]
         if not params:
             raise ValueError("the trainable scope is empty (set `last_n_layers` > 0 or train the projector)")
@@ -63,7 +61,7 @@ class Scope:
     def decoder_linears(self, model: torch.nn.Module, names: tuple[str, ...] | None = None) -> list[str]:
         """Module names of the ``nn.Linear`` layers inside the scope's decoder layers (optionally only
         those whose last name component is in ``names``), in model order."""
-        prefixes = tuple(f"{DECODER_LAYERS}{i}." for i in self.layer_indices(model))
+        prefixes = tuple(f"{family_of(model).decoder_layers}{i}." for i in self.layer_indices(model))
         found = [
             n
             for n, m in model.named_modules()

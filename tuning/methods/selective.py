@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from deltaserve.plugins.naming import module_to_checkpoint
+from deltaserve.plugins.families import family_of
 from deltaserve.tuning.methods.base import TuningMethod
 from deltaserve.tuning.methods.scope import NamedParams
 from deltaserve.tuning.train import TrainHooks
@@ -60,6 +60,7 @@ class SelectiveMethod(TuningMethod):
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, TrainHooks]:
         self._params = self.scope.parameters(model)
+        self._family = family_of(model)
         return model, self.make_hooks(self._params)
 
     @abstractmethod
@@ -75,7 +76,7 @@ class SelectiveMethod(TuningMethod):
         """
         from deltaserve.plugins.sparse import sparse_from_dense
 
-        tuned = {module_to_checkpoint(n): p for n, p in self._params}
+        tuned = {self._family.to_checkpoint(n): p for n, p in self._params}
         w0 = base_tensors(base_dir, list(tuned))
         self._deltas = sparse_from_dense(w0, {k: p.detach() for k, p in tuned.items()})
         with torch.no_grad():

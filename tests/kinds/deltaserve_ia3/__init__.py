@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from deltaserve.plugins.kind import AppliedDelta, DeltaKind
-from deltaserve.plugins.naming import checkpoint_to_module
+from deltaserve.plugins.families import family_of
 from deltaserve.plugins.serving import ServingPlan
 
 FILE = "ia3.safetensors"
@@ -57,7 +57,7 @@ class IA3Kind(DeltaKind):
         modules = dict(model.named_modules())
         handles = []
         for module in config["modules"]:
-            target, vector = modules[checkpoint_to_module(module)], tensors[f"{module}.ia3_l"]
+            target, vector = modules[family_of(model).to_module(module)], tensors[f"{module}.ia3_l"]
             if module in config.get("feedforward", []):
                 hook = target.register_forward_pre_hook(lambda _m, args, v=vector: (_scale(args[0], v), *args[1:]))
             else:
