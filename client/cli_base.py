@@ -23,15 +23,22 @@ def base() -> None:
     help="Directory to write (must not exist or be empty).",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random initialisation.")
-def build(out: Path, seed: int) -> None:
-    """Build the tiny random-init LLaVA base (deterministic per seed)."""
+@click.option(
+    "--arch",
+    type=click.Choice(["llava", "qwen2_vl"]),  # deltaserve.tuning.base.factory.ARCHS
+    default="llava",
+    show_default=True,
+    help="Architecture: the tiny LLaVA (the embedded default) or a tiny Qwen2-VL.",
+)
+def build(out: Path, seed: int, arch: str) -> None:
+    """Build the tiny random-init LLaVA (or Qwen2-VL) base (deterministic per seed)."""
     from deltaserve.plugins.fingerprint import fingerprint
     from deltaserve.tuning.base.factory import build_base
 
     if out.exists() and any(out.iterdir()):
         raise click.UsageError(f"`--out` {out} exists and is not empty")
     started = time.perf_counter()
-    build_base(out, seed=seed)
+    build_base(out, seed=seed, arch=arch)
     click.echo(
         json.dumps(
             {"out": str(out), "fingerprint": fingerprint(out), "seconds": round(time.perf_counter() - started, 2)}

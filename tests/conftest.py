@@ -29,6 +29,14 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_base(tmp_path_factory) -> Path:
+    """The tiny random-init Qwen2-VL base (seed 0), built once per session. Read-only by convention."""
+    from deltaserve.tuning.base.factory import build_base
+
+    return build_base(tmp_path_factory.mktemp("base") / "tiny-qwen2-vl", seed=0, arch="qwen2_vl")
+
+
+@pytest.fixture(scope="session")
 def hf_processor(tiny_base):
     from transformers import AutoProcessor
 

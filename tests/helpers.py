@@ -25,10 +25,11 @@ PROMPTS = [
 ]
 
 
-def image_prompt(question: str) -> str:
-    from deltaserve.tuning.base.tokenizer import PROMPT_FORMAT
+def image_prompt(question: str, model_type: str = "llava") -> str:
+    """The completion prompt of ``question`` about one image, for a base of this ``config.model_type``."""
+    from deltaserve.tuning.base.factory import format_prompt
 
-    return PROMPT_FORMAT.format(image="<image>\n", question=question)
+    return format_prompt(question, image=True, model_type=model_type)
 
 
 def hf_greedy(

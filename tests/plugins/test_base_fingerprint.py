@@ -20,6 +20,33 @@ def test_same_seed_same_fingerprint_other_seed_differs(tiny_base, tmp_path):
     assert fingerprint(other) != fingerprint(tiny_base)
 
 
+def test_qwen2_vl_same_seed_same_fingerprint_other_seed_differs(tiny_qwen_base, tiny_base, tmp_path):
+    import json
+
+    again = build_base(tmp_path / "again", seed=0, arch="qwen2_vl")
+    assert fingerprint(again) == fingerprint(tiny_qwen_base)
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in tiny_qwen_base.iterdir())
+    assert all((again / p.name).read_bytes() == p.read_bytes() for p in tiny_qwen_base.iterdir())  # byte-identical
+    other = build_base(tmp_path / "other", seed=1, arch="qwen2_vl")
+    assert fingerprint(other) != fingerprint(tiny_qwen_base)
+    assert fingerprint(tiny_qwen_base) != fingerprint(tiny_base)
+    meta = json.loads((tiny_qwen_base / "deltaserve-base.json").read_text())
+    assert (meta["arch"], meta["seed"], meta["stage"]) == ("qwen2_vl", 0, "random-init")
+    assert json.loads((tiny_qwen_base / "config.json").read_text())["model_type"] == "qwen2_vl"
+
+
+def test_cli_builds_the_qwen2_vl_base(tiny_qwen_base, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from deltaserve.client.cli import main
+
+    result = CliRunner().invoke(main, ["base", "build", "--arch", "qwen2_vl", "--out", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["fingerprint"] == fingerprint(tiny_qwen_base)
+
+
 def test_second_call_uses_the_cache(tiny_base, monkeypatch):
     first = fingerprint(tiny_base)
 

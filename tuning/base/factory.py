@@ -1,4 +1,5 @@
-"""Build the embedded default base: a tiny LLaVA (CLIP vision tower + projector + Llama decoder).
+"""Build the tiny bases: the embedded default, a tiny LLaVA (CLIP vision tower + projector + Llama
+decoder), and a tiny Qwen2-VL (``build_base(..., arch="qwen2_vl")``).
 
 The architecture is the one of the seed papers' experiments (LLaVA), at a size that
 runs on two CPU cores: 32×32 images cut into 8×8 patches (16 image tokens after the
@@ -15,6 +16,22 @@ Layout: weights are written with the Hugging Face *Hub* LLaVA key names
 5.x maps them onto its own module tree when loading, and vLLM 0.32 only accepts
 this layout (the names ``save_pretrained`` writes fail in vLLM with "There is no
 module or parameter named 'vision_tower.embeddings'").
+
+Qwen2-VL (:class:`TinyQwen2VLConfig`): a 2-layer ViT with 2-D rotary positions (8×8 patches, 2 frames
+per temporal patch, 2×2 patches merged into one token: a 32×32 image is 4×4 patches → **4 image tokens**),
+the patch merger, and a 4-layer Qwen2 decoder with M-RoPE (``mrope_section`` 4+6+6 = head_dim/2). Its
+weights are written with transformers 5.x's own module names (``model.language_model.…``,
+``model.visual.…``, ``lm_head.weight``: what ``save_pretrained`` writes). vLLM 0.32's loader maps exactly
+these (``Qwen2VLForConditionalGeneration.hf_to_vllm_mapper``: ``model.language_model.`` →
+``language_model.model.``, ``model.visual.`` → ``visual.``) and transformers loads them without renaming.
+The checkpoint names of each family are declared in :mod:`deltaserve.plugins.families`.
+
+Prompts: :func:`format_prompt`, keyed by ``config.model_type`` (so existing base directories need no new
+field). LLaVA: ``<image>`` newline, question, newline, ``Answer:``, after the BOS its tokenizer adds.
+Qwen2-VL: Qwen's chat layout, ``<|im_start|>user`` newline, ``<|vision_start|><|image_pad|><|vision_end|>``,
+question, ``<|im_end|>`` newline, ``<|im_start|>assistant`` newline (no BOS, no default system turn).
+Either base's chat template renders a one-turn chat to exactly its completion prompt, and its EOS is the
+token that ends an answer (``</s>``, ``<|im_end|>``).
 """
 
 from __future__ import annotations
@@ -26,8 +43,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from deltaserve.plugins.families import LLAVA
+from deltaserve.plugins.families import family_of
+from deltaserve.tuning.base import tokenizer as _tok
 from deltaserve.tuning.base.tokenizer import CHAT_TEMPLATE, IMAGE, build_tokenizer
+
+ARCHS = ("llava", "qwen2_vl")
+"""``build_base(arch=…)`` values (== the written ``config.json``'s ``model_type``)."""
 
 WEIGHTS_FILE = "model.safetensors"
 # CLIP's normalisation constants (what CLIPImageProcessor uses by default).
@@ -134,38 +155,182 @@ def init_model(cfg: TinyBaseConfig, tokenizer, seed: int):
     return model.float().eval()
 
 
-def save_model_dir(model, tokenizer, processor, out: Path, extra_meta: dict | None = None) -> None:
-    """Write config, Hub-layout safetensors, tokenizer and processor into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {LLAVA.to_checkpoint(k): v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(dict(sorted(tensors.items())), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["architectures"] = ["LlavaForConditionalGeneration"]
-    config.pop("transformers_version", None)
-    _write_json(out / "config.json", config)
-    _write_json(
-        out / "generation_config.json",
-        {
-            "bos_token_id": tokenizer.bos_token_id,
+@dataclass(frozen=True)
+class TinyQwen2VLConfig:
+    """Sizes of the tiny Qwen2-VL base."""
+
+    image_size: int = 32
+    """The size the tests and the synthetic world use; other sizes within min/max pixels are accepted."""
+    patch_size: int = 8
+    merge_size: int = 2
+    """merge_size × merge_size patches become one image token."""
+    temporal_patch_size: int = 2
+    min_pixels: int = 32 * 32
+    max_pixels: int = 64 * 64
+    """Images are resized to a multiple of patch_size × merge_size within [min_pixels, max_pixels]."""
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_mlp_ratio: int = 2
+    text_hidden: int = 128
+    text_intermediate: int = 384
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    mrope_section: tuple[int, int, int] = (4, 6, 6)
+    """Rotary frequencies for (time, height, width) positions; sums to head_dim / 2."""
+    max_positions: int = 512
+    initializer_range: float = 0.3
+    """Wide on purpose, as for LLaVA: greedy outputs must differ across prompts."""
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens of an image_size × image_size image."""
+        return (self.image_size // (self.patch_size * self.merge_size)) ** 2
+
+
+def qwen2_vl_hf_config(cfg: TinyQwen2VLConfig, tokenizer):
+    from transformers import Qwen2VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen2VLConfig(
+        text_config={
+            "hidden_size": cfg.text_hidden,
+            "intermediate_size": cfg.text_intermediate,
+            "num_hidden_layers": cfg.text_layers,
+            "num_attention_heads": cfg.text_heads,
+            "num_key_value_heads": cfg.text_kv_heads,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": cfg.max_positions,
+            "initializer_range": cfg.initializer_range,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(cfg.mrope_section)},
+            "bos_token_id": None,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
+        vision_config={
+            "depth": cfg.vision_layers,
+            "embed_dim": cfg.vision_hidden,
+            "hidden_size": cfg.text_hidden,  # the merger's output: the decoder's width
+            "num_heads": cfg.vision_heads,
+            "mlp_ratio": cfg.vision_mlp_ratio,
+            "patch_size": cfg.patch_size,
+            "spatial_merge_size": cfg.merge_size,
+            "temporal_patch_size": cfg.temporal_patch_size,
+            "initializer_range": cfg.initializer_range,
+        },
+        image_token_id=ids(_tok.IMAGE_PAD),
+        video_token_id=ids(_tok.VIDEO_PAD),
+        vision_start_token_id=ids(_tok.VISION_START),
+        vision_end_token_id=ids(_tok.VISION_END),
+        tie_word_embeddings=False,
+        initializer_range=cfg.initializer_range,
     )
+
+
+def build_qwen2_vl_processor(cfg: TinyQwen2VLConfig, tokenizer):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    sizes = {
+        "min_pixels": cfg.min_pixels,
+        "max_pixels": cfg.max_pixels,
+        "patch_size": cfg.patch_size,
+        "merge_size": cfg.merge_size,
+        "temporal_patch_size": cfg.temporal_patch_size,
+    }
+    return Qwen2VLProcessor(  # transformers refuses a Qwen2-VL processor without its video processor
+        image_processor=Qwen2VLImageProcessor(**sizes),
+        video_processor=Qwen2VLVideoProcessor(**sizes),
+        tokenizer=tokenizer,
+        chat_template=_tok.QWEN_CHAT_TEMPLATE,
+    )
+
+
+def init_qwen2_vl_model(cfg: TinyQwen2VLConfig, tokenizer, seed: int):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(qwen2_vl_hf_config(cfg, tokenizer))
+    return model.float().eval()
+
+
+_PROMPTS = {
+    "llava": (_tok.PROMPT_FORMAT, f"{IMAGE}\n"),
+    "qwen2_vl": (_tok.QWEN_PROMPT_FORMAT, _tok.QWEN_IMAGE),
+}
+
+
+def format_prompt(question: str, image: bool = False, model_type: str = "llava") -> str:
+    """The completion prompt of one question (with the image placeholder when ``image``) for a base whose
+    ``config.json`` has this ``model_type``: the training prompt format, and what the base's chat template
+    renders for a one-turn chat. The LLaVA tokenizer adds the BOS on encode; Qwen2-VL has none."""
+    if model_type not in _PROMPTS:
+        raise ValueError(f"no prompt format for model_type `{model_type}` (known: {', '.join(_PROMPTS)})")
+    fmt, placeholder = _PROMPTS[model_type]
+    return fmt.format(image=placeholder if image else "", question=question)
+
+
+def _checkpoint_name(model_type: str, name: str) -> str:
+    return family_of({"model_type": model_type}).to_checkpoint(name)
+
+
+def save_model_dir(model, tokenizer, processor, out: Path, extra_meta: dict | None = None) -> None:
+    """Write config, Hub-layout safetensors, tokenizer and processor into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model_type = model.config.model_type
+    tensors = {_checkpoint_name(model_type, k): v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(dict(sorted(tensors.items())), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config.pop("transformers_version", None)
+    _write_json(out / "config.json", config)
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    _write_json(out / "generation_config.json", {k: v for k, v in special.items() if v is not None})
     processor.save_pretrained(str(out))
-    for name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+    for name in (
+        "tokenizer_config.json",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+    ):
         path = out / name
         if path.exists():  # re-write with sorted keys: byte-identical across runs
             _write_json(path, json.loads(path.read_text()))
     _write_json(out / "deltaserve-base.json", {"format_version": 1, **(extra_meta or {})})
 
 
-def build_base(out: Path, seed: int = 0, cfg: TinyBaseConfig | None = None) -> Path:
-    """Build the tiny random-init base into ``out`` (created). Returns ``out``."""
-    cfg = cfg or TinyBaseConfig()
-    tokenizer = build_tokenizer()
-    processor = build_processor(cfg, tokenizer)
-    model = init_model(cfg, tokenizer, seed)
-    save_model_dir(model, tokenizer, processor, Path(out), {"seed": seed, "sizes": asdict(cfg), "stage": "random-init"})
+def build_base(
+    out: Path, seed: int = 0, cfg: TinyBaseConfig | TinyQwen2VLConfig | None = None, arch: str = "llava"
+) -> Path:
+    """Build a tiny random-init base of ``arch`` (one of :data:`ARCHS`) into ``out`` (created). Returns ``out``.
+
+    ``cfg`` is the arch's sizes (:class:`TinyBaseConfig` for llava, :class:`TinyQwen2VLConfig` for qwen2_vl;
+    default: the defaults). ``deltaserve-base.json`` records seed, sizes and stage, and for every arch but the
+    default llava (whose files stay as they were) the arch.
+    """
+    if arch == "llava":
+        cfg = cfg or TinyBaseConfig()
+        if not isinstance(cfg, TinyBaseConfig):
+            raise TypeError(f"arch llava takes a TinyBaseConfig, not {type(cfg).__name__}")
+        tokenizer = build_tokenizer()
+        processor = build_processor(cfg, tokenizer)
+        model = init_model(cfg, tokenizer, seed)
+        meta = {"seed": seed, "sizes": asdict(cfg), "stage": "random-init"}
+    elif arch == "qwen2_vl":
+        cfg = cfg or TinyQwen2VLConfig()
+        if not isinstance(cfg, TinyQwen2VLConfig):
+            raise TypeError(f"arch qwen2_vl takes a TinyQwen2VLConfig, not {type(cfg).__name__}")
+        tokenizer = _tok.build_qwen2_vl_tokenizer()
+        processor = build_qwen2_vl_processor(cfg, tokenizer)
+        model = init_qwen2_vl_model(cfg, tokenizer, seed)
+        meta = {"arch": arch, "seed": seed, "sizes": asdict(cfg), "stage": "random-init"}
+    else:
+        raise ValueError(f"unknown arch `{arch}` (known: {', '.join(ARCHS)})")
+    save_model_dir(model, tokenizer, processor, Path(out), meta)
     return Path(out)
 
 
