@@ -99,21 +99,30 @@ def test_kill_during_registration_then_restart(tiny_base, tmp_path, sample_image
 
         # 4. Graceful shutdown: an in-flight stream finishes, new requests are refused, exit code 0.
         results = {}
+        streaming = threading.Event()
 
         def long_stream():
             with DeltaClient(s3.grpc) as client:
                 chunks = []
+                # ignore_eos: the stream must outlive the SIGTERM below, whatever the sampled tokens.
                 for chunk in client.generate_stream(
-                    image_prompt(QUESTION), image=image, task="z", max_tokens=400, temperature=1.0, seed=1
+                    image_prompt(QUESTION),
+                    image=image,
+                    task="z",
+                    max_tokens=400,
+                    ignore_eos=True,
+                    temperature=1.0,
+                    seed=1,
                 ):
                     chunks.append(chunk)
                     results["last_chunk_at"] = time.monotonic()
+                    streaming.set()
                 results["tokens"] = sum(len(c.token_ids) for c in chunks)
                 results["finish"] = chunks[-1].finish_reason
 
         thread = threading.Thread(target=long_stream)
         thread.start()
-        time.sleep(0.2)
+        assert streaming.wait(60), "the stream never started"
         sigterm_at = time.monotonic()
         s3.proc.send_signal(15)  # SIGTERM
         time.sleep(0.2)
