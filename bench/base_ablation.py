@@ -38,6 +38,8 @@ OPTIONS: dict[str, dict] = {
     "lr-1e-3+norm-half": {"lr": 1e-3, "base.image_mean": _HALF, "base.image_std": _HALF},
     # tower shape and tokens
     "lr-1e-3+patch-4": {"lr": 1e-3, "base.patch_size": 4},
+    # reworded copies of the training prompts (tuning/augment.py): phrasings never seen
+    "augment-2": {"augment_copies": 2},
     "lr-1e-3+vision-hidden-128": {"lr": 1e-3, "base.vision_hidden": 128, "base.vision_heads": 4},
     "lr-1e-3+vision-layers-4": {"lr": 1e-3, "base.vision_layers": 4},
     "lr-1e-3+feature-layer--2": {"lr": 1e-3, "base.vision_feature_layer": -2},
@@ -65,7 +67,7 @@ def apply(config, overrides: dict):
     return replace(config, **flat)
 
 
-def run(name: str, overrides: dict, steps: int | None, seed: int) -> dict:
+def run(name: str, overrides: dict, steps: int | None, seed: int, split: str = "val") -> dict:
     from deltaserve.tuning.pretrain import PretrainConfig, train_base
 
     config = PretrainConfig(seed=seed)
@@ -73,9 +75,10 @@ def run(name: str, overrides: dict, steps: int | None, seed: int) -> dict:
         config = replace(config, steps=steps)
     config = apply(config, overrides)
     started = time.perf_counter()
-    _, _, _, meta = train_base(config, progress=False)
+    _, _, _, meta = train_base(config, progress=False, eval_split=split)
     return {
         "option": name,
+        "split": split,
         "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
         "steps": config.steps,
         "seed": seed,
@@ -95,6 +98,7 @@ def table(records: list[dict]) -> str:
     tasks = sorted({t for r in records for t in r["exact_match"]})
     head = [
         "option",
+        "scored on",
         "steps",
         "seed",
         *tasks,
@@ -111,6 +115,7 @@ def table(records: list[dict]) -> str:
         with_f1 = {**em, "caption": r["token_f1"].get("caption", em.get("caption", 0.0))}
         row = [
             r["option"],
+            r.get("split", "test"),  # records before the split option were scored on test
             r["steps"],
             r["seed"],
             *(f"{em.get(t, 0):.2f}" for t in tasks),
@@ -147,6 +152,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the PretrainConfig default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--split", default="val", choices=("val", "test"), help="split scored (choose options on val, report test)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("docs/base-ablation.json"))
     parser.add_argument(
@@ -163,7 +171,7 @@ def main() -> None:
     for spec in filter(None, args.options.split(";" if "=" in args.options else ",")):
         name, _, custom = spec.partition("=")
         overrides = json.loads(custom) if custom else OPTIONS[name]
-        record = run(name, overrides, args.steps, args.seed)
+        record = run(name, overrides, args.steps, args.seed, args.split)
         print(json.dumps(record), flush=True)
         records.append(record)
         args.json.write_text(json.dumps(records, indent=1) + "\n")

@@ -57,6 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--general-limit", type=int, default=50, help="val samples per general task (default 50)")
     p.add_argument("--jsonl", type=Path, default=ROOT / "docs" / "expert-ablation.jsonl")
     p.add_argument("--md", type=Path, default=None, help="write the table of every row of --jsonl here")
+    p.add_argument(
+        "--pretrain",
+        default="{}",
+        help="PretrainConfig overrides as JSON for the base tuned on (pretrained and cached first if need be); "
+        "rows of different bases belong in different --jsonl files",
+    )
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -78,7 +84,7 @@ def run_one(base_dir: Path, task: str, method: str, config, general, progress: b
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from deltaserve.tuning import batching, data, evaluate, train
+    from deltaserve.tuning import augment, batching, data, evaluate, train
     from deltaserve.tuning.methods import get_method
     from deltaserve.tuning.tune import world_task_dir
 
@@ -89,7 +95,7 @@ def run_one(base_dir: Path, task: str, method: str, config, general, progress: b
         t = {split: [_replace(s, target=NUMBER_WORDS[int(s.target)]) for s in t[split]] for split in ("train", "val")}
     model = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(str(base_dir))
-    items = batching.encode(processor, t["train"])
+    items = batching.encode(processor, t["train"] + augment.augmented(t["train"], config.augment_copies, config.seed))
     torch.manual_seed(config.seed)
     tuner = get_method(method)(config.scope(), config.options)
     train_model, hooks = tuner.prepare(model)
@@ -172,7 +178,7 @@ def main(argv=None):
     from deltaserve.tuning.pretrain import PretrainConfig, pretrain
     from deltaserve.tuning.tune import TuneConfig, default_general_dir
 
-    base_dir = pretrain(PretrainConfig(), progress=not args.quiet).path
+    base_dir = pretrain(PretrainConfig(**json.loads(args.pretrain)), progress=not args.quiet).path
     gtasks = data.load_tasks(default_general_dir(), type="general", splits=("val",))
     general = {
         "samples": {n: t["val"][: args.general_limit] for n, t in gtasks.items()},

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deltaserve.plugins.families import LLAVA
 from deltaserve.plugins import env
-from deltaserve.tuning import batching, data, evaluate, train
+from deltaserve.tuning import augment, batching, data, evaluate, train
 from deltaserve.tuning.base import factory, tokenizer
 from deltaserve.tuning.cache import atomic_dir, source_hash, stable_hash, tree_hash
 from deltaserve.tuning.world import GENERAL_TASKS, WorldConfig, cached_world, world_key
@@ -49,6 +49,13 @@ class PretrainConfig:
     """Learning-rate factor of the vision tower (relative to ``lr``)."""
     projector_lr_scale: float = 1.0
     """Learning-rate factor of the vision→language projector."""
+    augment_copies: int = 0
+    """Reworded copies of every training prompt (:mod:`deltaserve.tuning.augment`), for phrasings never seen."""
+    numerals: bool = False
+    """Also train on :func:`numeral_samples` (text only, not scored): a base that writes numerals, as any
+    real LLM does. Without them the numeral tokens are never a target and their LM-head rows drift away
+    from every hidden state, so an expert with the head frozen cannot answer ``"7"`` (docs/expert-ablation.md)."""
+    """Reworded copies of every training prompt (:mod:`deltaserve.tuning.augment`), for phrasings never seen."""
     initializer_range: float = 0.02
     """Init std for pretraining. The random-init base uses a wide 0.3 so that untrained outputs
     differ per prompt (see :class:`TinyBaseConfig`); trained from, that width slows learning."""
@@ -87,6 +94,29 @@ class PretrainResult:
     """The contents of ``deltaserve-base.json``."""
 
 
+NUMERAL_PROMPTS = (
+    "Write {w} as a numeral.",
+    "{W} in digits?",
+    "What numeral stands for {w}?",
+    "How do you write {w} with digits?",
+)
+WORD_PROMPTS = ("Write {n} as a word.", "{n} in words?", "What number word is {n}?", "How do you say {n}?")
+
+
+def numeral_samples() -> list[data.Sample]:
+    """Number words to numerals and back (``"Write seven as a numeral."`` → ``"7"``), every pair in every phrasing."""
+    from deltaserve.tuning.world.scenes import NUMBER_WORDS
+
+    samples = []
+    for n, word in enumerate(NUMBER_WORDS):
+        for i, t in enumerate(NUMERAL_PROMPTS):
+            prompt = t.format(w=word, W=word.capitalize())
+            samples.append(data.Sample(f"numerals:{n}:{i}", prompt, str(n), None, "numerals"))
+        for i, t in enumerate(WORD_PROMPTS):
+            samples.append(data.Sample(f"words:{n}:{i}", t.format(n=n), word, None, "numerals"))
+    return samples
+
+
 def open_world_examples(tasks: dict[str, data.Task], n: int, seed: int) -> list[data.Sample]:
     """``n`` training samples of every general task (every phrasing represented, see :func:`data.pick_examples`)."""
     return [s for name in sorted(tasks) for s in data.pick_examples(tasks[name]["train"], n, seed)]
@@ -111,7 +141,7 @@ def pretrain_key(config: PretrainConfig) -> str:
     import torch
     import transformers
 
-    code = source_hash([batching, data, evaluate, train, factory, tokenizer, sys.modules[__name__]])
+    code = source_hash([augment, batching, data, evaluate, train, factory, tokenizer, sys.modules[__name__]])
     return stable_hash(
         {
             "pretrain_version": PRETRAIN_VERSION,
@@ -130,11 +160,11 @@ def cached_base(config: PretrainConfig | None = None) -> Path | None:
     return path if (path / META_FILE).is_file() else None
 
 
-def train_base(config: PretrainConfig, progress: bool = True):
+def train_base(config: PretrainConfig, progress: bool = True, eval_split: str = "test"):
     """Initialise and train the base for ``config``, uncached: ``(model, tokenizer, processor, meta)``.
 
-    ``meta`` holds the test scores on every general task and the timings; :func:`pretrain`
-    caches the result, ``bench/base_ablation.py`` compares configurations with it.
+    ``meta`` holds the scores on every general task's ``eval_split`` and the timings; :func:`pretrain`
+    caches the result (test scores), ``bench/base_ablation.py`` compares configurations with it (``val``).
     """
     started = time.perf_counter()
     world_dir = cached_world(config.world, GENERAL_TASKS)
@@ -144,17 +174,22 @@ def train_base(config: PretrainConfig, progress: bool = True):
     tok = tokenizer.build_tokenizer()
     processor = factory.build_processor(base_cfg, tok)
     model = factory.init_model(base_cfg, tok, config.seed)
-    items = [item for task in tasks.values() for item in batching.encode(processor, task["train"])]
+    samples = [s for task in tasks.values() for s in task["train"]]
+    samples += augment.augmented(samples, config.augment_copies, config.seed)
+    if config.numerals:
+        samples += numeral_samples()
+    items = batching.encode(processor, samples)
     prepared = time.perf_counter()
     result = train.train(model, processor, items, config.train_config(), progress=progress, desc="pretrain")
     trained = time.perf_counter()
     metrics = {name: task.info.metric for name, task in tasks.items()}
     details = evaluate.evaluate_tasks(
-        model, processor, {name: task["test"] for name, task in tasks.items()}, details=True, metrics=metrics
+        model, processor, {name: task[eval_split] for name, task in tasks.items()}, details=True, metrics=metrics
     )
     scores = {name: d["score"] for name, d in details.items()}
     meta = {
         "stage": "pretrained",
+        "eval_split": eval_split,
         "general_score": round(evaluate.general_score(scores), 4),
         "scores": {name: round(score, 4) for name, score in scores.items()},
         "metrics": metrics,

@@ -40,7 +40,7 @@ import torch
 
 from deltaserve.plugins import env
 from deltaserve.plugins.errors import BundleError, DeltaServeError
-from deltaserve.tuning import batching, data, evaluate, train
+from deltaserve.tuning import augment, batching, data, evaluate, train
 from deltaserve.tuning.cache import atomic_dir, source_hash, stable_hash, tree_hash
 from deltaserve.tuning.errors import DataError, DataProblem
 from deltaserve.tuning.methods import METHODS, MethodOptions, Scope, get_method
@@ -86,6 +86,9 @@ class TuneConfig:
     train_lm_head: bool = False
     """Selective methods: tune the LM head too (see :class:`~deltaserve.tuning.methods.scope.Scope`)."""
     options: MethodOptions = field(default_factory=MethodOptions)
+    augment_copies: int = 0
+    """Reworded copies of every training prompt (:mod:`deltaserve.tuning.augment`): the expert is asked in
+    words it never saw (the world's val/test phrasings, a user's own)."""
     """Method-specific settings (magnitude ratio, LoRA rank, adapter width, …)."""
     examples: int = 24
     """Training prompts (with their images) stored as ``task.examples`` for the auto router."""
@@ -366,7 +369,9 @@ def tune(
 
     model = base.family.model_cls().from_pretrained(str(base_dir), dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(str(base_dir))
-    items = batching.encode(processor, task["train"])
+    items = batching.encode(
+        processor, task["train"] + augment.augmented(task["train"], config.augment_copies, config.seed)
+    )
     torch.manual_seed(config.seed)  # new modules (LoRA A, adapter down) are initialised in prepare
     tuner = method_cls(config.scope(), config.options)
     train_model, hooks = tuner.prepare(model)
@@ -492,6 +497,7 @@ def _code_hash() -> str:
     )
 
     modules = [
+        augment,
         batching,
         data,
         evaluate,
