@@ -8,9 +8,12 @@ field. A refused request changes nothing.
 Prompt semantics (the same as vLLM's): ``prompt`` is raw text, tokenized as is (the
 tokenizer adds BOS). With ``chat=True`` (``/v1/chat/completions``, or
 ``GenerateRequest.chat``) the messages go through the base model's chat template
-first. One image per request: if an image is attached and the prompt has no
-``<image>`` placeholder, ``"<image>\\n"`` is put in front; vLLM expands the
-placeholder to the image's feature tokens.
+first. One image per request: if an image is attached and the prompt has no image
+placeholder, the base's image part is put in front; vLLM expands the placeholder to the
+image's feature tokens. Both come from the base (:func:`image_placeholder`): the token is
+the tokenizer's ``image_token`` (``<image>``, Qwen2-VL's ``<|image_pad|>``), the part is
+what the base's chat template writes for an image (``"<image>\\n"``,
+``<|vision_start|><|image_pad|><|vision_end|>``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from deltaserve.server.engine import Sampling
 from deltaserve.server.errors import InvalidRequestError
 
 IMAGE_PLACEHOLDER = "<image>"
+"""The image token of a tokenizer that names none (and the tiny LLaVA base's)."""
+_MARK = "\x00deltaserve-text\x00"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_STOP_STRINGS = 4
 MAX_N = 8
@@ -265,6 +270,38 @@ def _chat_prompt(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, str]:
     return prompt, user_text
 
 
+def image_placeholder(tokenizer) -> tuple[str, str]:
+    """(image token, image part) of the base: the token that stands for one image in a prompt (the tokenizer's
+    ``image_token``), and the text the base's chat template writes for an image part — what goes in front of a
+    prompt that has none, so that a raw prompt meets the model as a rendered chat would."""
+    cached = getattr(tokenizer, "_deltaserve_image_placeholder", None)
+    if cached is not None:
+        return cached
+    token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
+    part = f"{token}\n"
+    try:
+        render = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": [*image, {"type": "text", "text": _MARK}]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for image in ([{"type": "image"}], [])
+        ]
+        with_image, without = render
+        head = without.index(_MARK)
+        # the template inserts the image part just before the text: same head, then the part
+        if with_image[:head] == without[:head] and token in with_image[head : with_image.index(_MARK)]:
+            part = with_image[head : with_image.index(_MARK)]
+    except Exception:  # no chat template (or one that cannot render an image part): the token and a newline
+        pass
+    try:
+        tokenizer._deltaserve_image_placeholder = (token, part)
+    except AttributeError:
+        pass
+    return token, part
+
+
 def prepare(
     req: InferenceRequest, *, tokenizer, max_model_len: int, image_tokens, config: ServeConfig
 ) -> PreparedRequest:
@@ -275,6 +312,7 @@ def prepare(
     request_id = req.request_id or uuid.uuid4().hex
 
     image = decode_image(req.image, config) if req.image else None
+    image_token, image_part = image_placeholder(tokenizer)
     if req.messages is not None:
         prompt, user_text = _chat_prompt(tokenizer, req.messages)
     else:
@@ -286,23 +324,23 @@ def prepare(
         if req.chat:
             content = (
                 [{"type": "image"}, {"type": "text", "text": req.prompt}]
-                if image is not None and IMAGE_PLACEHOLDER not in req.prompt
+                if image is not None and image_token not in req.prompt
                 else req.prompt
             )
             prompt, user_text = _chat_prompt(tokenizer, [{"role": "user", "content": content}])
     if not user_text.strip() and image is None:
         raise InvalidRequestError("`prompt` must not be empty")
 
-    placeholders = prompt.count(IMAGE_PLACEHOLDER)
+    placeholders = prompt.count(image_token)
     if image is not None and placeholders == 0:
-        prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
+        prompt = f"{image_part}{prompt}"
         placeholders = 1
     if placeholders > 1:
         raise InvalidRequestError(
-            f"at most one image per request; the prompt has {placeholders} `{IMAGE_PLACEHOLDER}` placeholders"
+            f"at most one image per request; the prompt has {placeholders} `{image_token}` placeholders"
         )
     if placeholders == 1 and image is None:
-        raise InvalidRequestError(f"the prompt contains `{IMAGE_PLACEHOLDER}` but no image was sent")
+        raise InvalidRequestError(f"the prompt contains `{image_token}` but no image was sent")
 
     # A rendered chat carries its own BOS (the template's); a raw prompt gets the tokenizer's,
     # exactly as vLLM's OpenAI server does for /v1/chat/completions and /v1/completions.

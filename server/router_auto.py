@@ -256,7 +256,9 @@ class AutoRouter(Router):
                 "auto router options: `threshold` must be in [0, 1], `C` > 0, `char_weight` and `image_weight` ≥ 0"
             )
         self.image_gate = opt["image_gate"] == "on"
-        self.uses_images = base_dir is not None and (self.image_gate or self.image_weight > 0)
+        self.uses_images = (
+            base_dir is not None and (self.image_gate or self.image_weight > 0) and VisionEncoder.supports(base_dir)
+        )
         self.embedder = load_text_embedder(opt["embedder"])
         if self.embedder is None and self.char_weight == 0:
             raise ValueError("the auto router needs an `embedder` or `char_weight` > 0")

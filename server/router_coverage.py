@@ -208,13 +208,14 @@ class CoverageRouter(Router):
         tokenizer = engine.tokenizer if engine is not None else _load_tokenizer(base_dir)
         self.text = TextVectorizer(tokenizer)
         self._base_dir = base_dir
+        self._images_readable = base_dir is not None and VisionEncoder.supports(base_dir)
         self._vision: VisionEncoder | None = None
         self._tasks: list[tuple[str, TaskWording, np.ndarray | None]] = []
         self._image_mean: np.ndarray | None = None
 
     @property
     def _uses_images(self) -> bool:
-        return self.image_weight > 0 and self._base_dir is not None
+        return self.image_weight > 0 and self._images_readable
 
     def _features(self, images: list) -> np.ndarray:
         if self._vision is None:

@@ -29,6 +29,15 @@ def one_torch_thread():
 class VisionEncoder:
     """The base's CLIP vision tower (weights from the base checkpoint), pooled to one vector per image."""
 
+    @staticmethod
+    def supports(base_dir: str | Path) -> bool:
+        """Whether the base's vision tower is one this encoder reads (CLIP: LLaVA). Others (Qwen2-VL's ViT) give
+        routers no image features: they route on words alone."""
+        from transformers import AutoConfig
+
+        vision = getattr(AutoConfig.from_pretrained(str(base_dir)), "vision_config", None)
+        return getattr(vision, "model_type", None) == "clip_vision_model"
+
     def __init__(self, base_dir: str | Path):
         import torch
         from safetensors import safe_open

@@ -19,8 +19,8 @@ Runs in the worker process. A concurrent delta is known by its *tag*
      own GEMM over the updated weight for those rows (``(W0+Δ)·x``, exactly what an
      exclusive state computes, never ``W0·x + Δ·x``), its bias, then its output maps
      (bottleneck adapters) on those rows' output;
-   - an RMSNorm (:class:`NormDispatch` in place of ``forward``): the same vLLM forward
-     on those rows with the updated weight.
+   - a norm — RMSNorm, LayerNorm (:class:`NormDispatch` in place of ``forward``): the same
+     forward on those rows with the updated weight (and bias).
 4. After the step the rows are cleared: dummy and profiling runs see no delta.
 
 Base rows pay one Python call per patched layer and step when no tag is in the batch,
@@ -46,13 +46,32 @@ class BatchRows:
         self.rows: dict[str, torch.Tensor] = {}
         self.items: int | None = None
         """In the encoder: images in this call (``rows`` index images; a layer may see them flattened)."""
+        self.sizes: list[int] | None = None
+        """In the encoder: each image's embeddings (placeholder tokens), in call order."""
 
     def index(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``idx`` as indices of ``x``'s first dimension (image features flattened to rows: every row of those images)."""
+        """``idx`` as indices of ``x``'s first dimension. In the encoder a layer sees either one row per image
+        (``[images, seq, hidden]``: LLaVA's CLIP tower and projector) or the images' rows flattened and
+        concatenated in call order (Qwen2-VL's ViT patches, the merger's merged tokens), each image holding rows
+        in proportion to its embeddings — every such layer works at a fixed multiple of the output's size."""
         if self.items is None or x.shape[0] == self.items:
             return idx
-        per = x.shape[0] // self.items
-        return (idx[:, None] * per + torch.arange(per)).reshape(-1)
+        sizes = self.sizes or [1] * self.items
+        if len(set(sizes)) == 1:  # equal images: equal shares
+            if x.shape[0] % self.items:
+                raise RuntimeError(f"deltaserve: {x.shape[0]} encoder rows do not split over {self.items} images")
+            per = x.shape[0] // self.items
+            return (idx[:, None] * per + torch.arange(per)).reshape(-1)
+        total = sum(sizes)
+        if x.shape[0] % total:
+            raise RuntimeError(
+                f"deltaserve: {x.shape[0]} encoder rows are no multiple of the images' {total} embeddings"
+            )
+        k = x.shape[0] // total
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + k * n)
+        return torch.cat([torch.arange(starts[i], starts[i + 1]) for i in idx.tolist()])
 
 
 ROWS = BatchRows()
@@ -90,12 +109,15 @@ class LinearDispatch:
 
 
 class NormDispatch:
-    """Stands in for an RMSNorm's ``forward``: base for all rows, then each present tag's rows with its weight."""
+    """Stands in for a norm's ``forward`` (RMSNorm, LayerNorm: each output row a function of its input row alone):
+    base for all rows, then each present tag's rows through the same forward with its parameters
+    (``weight``, and ``bias`` where the norm has one)."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
         self.base = module.forward
-        self.weights: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+        """tag → parameter name → its value for the tag's rows."""
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         tagged = []
@@ -105,28 +127,33 @@ class NormDispatch:
                     rows = ROWS.index(idx, x)
                     # vLLM's fused add+norm works in place: keep these rows' inputs
                     tagged.append((rows, x[rows].clone(), None if residual is None else residual[rows].clone(), tag))
-        out = self.base(x, residual)
+        out = self.base(x) if residual is None else self.base(x, residual)
         if not tagged:
             return out
-        param = self.module.weight
-        original = param.data
+        originals = {name: getattr(self.module, name).data for values in self.weights.values() for name in values}
         try:
             for rows, xd, rd, tag in tagged:
-                param.data = self.weights[tag]
+                for name, original in originals.items():
+                    getattr(self.module, name).data = self.weights[tag].get(name, original)
                 if residual is None:
                     out[rows] = self.base(xd)
                 else:
                     yd, rd = self.base(xd, rd)
                     out[0][rows], out[1][rows] = yd, rd
         finally:
-            param.data = original
+            for name, original in originals.items():
+                getattr(self.module, name).data = original
         return out
 
 
-def _is_rms_norm(module: torch.nn.Module) -> bool:
+def _is_row_wise_norm(module: torch.nn.Module, param: str) -> bool:
+    """A norm parameter :class:`NormDispatch` serves per row: vLLM's RMSNorm weight, a LayerNorm's weight or bias
+    (Qwen2-VL's patch merger, its projector, starts with ``torch.nn.LayerNorm``)."""
     from vllm.model_executor.layers.layernorm import RMSNorm
 
-    return isinstance(module, RMSNorm)
+    if isinstance(module, RMSNorm):
+        return param == "weight"
+    return isinstance(module, torch.nn.LayerNorm) and param in ("weight", "bias")
 
 
 class ConcurrentDeltas:
@@ -149,8 +176,11 @@ class ConcurrentDeltas:
         if changes.kept_weights:
             return "it changes a layer whose weight vLLM also reads outside the GEMM (embedding or LM head)"
         for name, (module, param, _) in changes.params.items():
-            if not (param == "weight" and _is_rms_norm(module)):
-                return f"it changes `{name}`, which no per-row computation serves (only linear layers and RMSNorm)"
+            if not _is_row_wise_norm(module, param):
+                return (
+                    f"it changes `{name}`, which no per-row computation serves (only linear layers, RMSNorm and "
+                    "LayerNorm)"
+                )
         return None
 
     def add(self, tag: str, changes: Changes) -> None:
@@ -160,11 +190,12 @@ class ConcurrentDeltas:
                 self._linear[name] = LinearDispatch(holder)
                 holder.cpu_linear = self._linear[name]
             self._linear[name].changes[tag] = change
-        for name, (module, _, value) in changes.params.items():
-            if name not in self._norms:
-                self._norms[name] = NormDispatch(module)
-                module.forward = self._norms[name]
-            self._norms[name].weights[tag] = value
+        for name, (module, param, value) in changes.params.items():
+            module_name = name.rsplit(".", 1)[0]
+            if module_name not in self._norms:
+                self._norms[module_name] = NormDispatch(module)
+                module.forward = self._norms[module_name]
+            self._norms[module_name].weights.setdefault(tag, {})[param] = value
         self.tags[tag] = changes
 
     def remove(self, tag: str) -> bool:
@@ -192,6 +223,7 @@ class ConcurrentDeltas:
         prepare, execute = runner._prepare_inputs, runner.execute_model
         batch_mm, embed = runner._batch_mm_inputs_from_scheduler, model.embed_multimodal
         encoder_tags: list[str | None] = []
+        encoder_sizes: list[int] = []
 
         def _prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
             out = prepare(scheduler_output, num_scheduled_tokens, *args, **kwargs)
@@ -211,11 +243,13 @@ class ConcurrentDeltas:
         def _batch_mm_inputs_from_scheduler(scheduler_output):
             hashes, kwargs, refs = batch_mm(scheduler_output)
             encoder_tags[:] = [self._tag(req_id) for req_id, _ in refs]
+            encoder_sizes[:] = [int(pos.get_num_embeds()) for _, pos in refs]
             return hashes, kwargs, refs
 
         def embed_multimodal(**kwargs):
             n = _items(kwargs)
             tags, encoder_tags[:] = encoder_tags[:n], encoder_tags[n:]
+            sizes, encoder_sizes[:] = encoder_sizes[:n], encoder_sizes[n:]
             if not any(tags):
                 saved, ROWS.rows = ROWS.rows, {}
                 try:
@@ -224,12 +258,12 @@ class ConcurrentDeltas:
                     ROWS.rows = saved
             if len(tags) != n:
                 raise RuntimeError(f"deltaserve: {n} images in an encoder call, {len(tags)} scheduled")
-            saved = ROWS.rows, ROWS.items
-            ROWS.rows, ROWS.items = _group(tags, [1] * n), n
+            saved = ROWS.rows, ROWS.items, ROWS.sizes
+            ROWS.rows, ROWS.items, ROWS.sizes = _group(tags, [1] * n), n, sizes
             try:
                 return embed(**kwargs)
             finally:
-                ROWS.rows, ROWS.items = saved
+                ROWS.rows, ROWS.items, ROWS.sizes = saved
 
         runner._prepare_inputs, runner.execute_model = _prepare_inputs, execute_model
         runner._batch_mm_inputs_from_scheduler, model.embed_multimodal = (
@@ -247,8 +281,10 @@ class ConcurrentDeltas:
 
 
 def _items(kwargs: dict) -> int:
-    """Images in an ``embed_multimodal`` call: the length of its first batched input."""
-    for value in kwargs.values():
-        if isinstance(value, torch.Tensor | list | tuple):
-            return len(value)
-    raise RuntimeError(f"deltaserve: cannot count the images of an encoder call ({sorted(kwargs)})")
+    """Images in an ``embed_multimodal`` call: the shortest of its batched inputs. Every image has at least one
+    row in each, and some input has exactly one per image (LLaVA's ``pixel_values`` ``[images, 3, H, W]``;
+    Qwen2-VL's ``image_grid_thw`` ``[images, 3]`` beside its flattened patches ``[patches, dim]``)."""
+    lengths = [len(v) for v in kwargs.values() if isinstance(v, torch.Tensor | list | tuple)]
+    if not lengths:
+        raise RuntimeError(f"deltaserve: cannot count the images of an encoder call ({sorted(kwargs)})")
+    return min(lengths)

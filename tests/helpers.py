@@ -68,14 +68,21 @@ async def vllm_greedy(
     return out
 
 
+def hf_model_of(base_dir):
+    """The base as a float32 transformers model of its family's class (LLaVA, Qwen2-VL, …), in eval mode."""
+    import torch
+
+    from deltaserve.plugins.base_spec import BaseSpec
+
+    cls = BaseSpec.from_dir(base_dir).family.model_cls()
+    return cls.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+
+
 def peft_model(base_dir, bundle_dir):
     """transformers base + PEFT adapter from a lora bundle (the reference for LoRA outputs)."""
-    import torch
     from peft import PeftModel
-    from transformers import LlavaForConditionalGeneration
 
-    base = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    return PeftModel.from_pretrained(base, str(bundle_dir)).eval()
+    return PeftModel.from_pretrained(hf_model_of(base_dir), str(bundle_dir)).eval()
 
 
 def png_bytes(image) -> bytes:
@@ -89,14 +96,11 @@ def png_bytes(image) -> bytes:
 def plugin_model(base_dir, bundle_dir):
     """transformers base with a bundle applied through its delta-kind plugin (the reference
     for sparse and bottleneck outputs)."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
     from deltaserve.plugins.base_spec import BaseSpec
     from deltaserve.plugins.bundle import read_bundle
     from deltaserve.plugins.registry import get_kind
 
-    model = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    model = hf_model_of(base_dir)
     bundle = read_bundle(bundle_dir, BaseSpec.from_dir(base_dir))
     get_kind(bundle.manifest.kind)().apply(model, bundle)
     return model
@@ -137,10 +141,13 @@ class FakeEngine:
         return None
 
 
-def concurrent_greedy(server, tasks: list[str], images: list, requests: int, tokens: int = TUNED_TOKENS) -> list[tuple]:
+def concurrent_greedy(
+    server, tasks: list[str], images: list, requests: int, tokens: int = TUNED_TOKENS, model_type: str = "llava"
+) -> list[tuple]:
     """``requests`` concurrent greedy gRPC requests spread over ``tasks`` (``"base"``: the server's base) and
-    ``PROMPTS`` with their ``images`` (PNG bytes), each asking exactly ``tokens`` tokens. Returns (task, prompt
-    index, token ids — or the exception, which then counts as a wrong answer)."""
+    ``PROMPTS`` with their ``images`` (PNG bytes), each asking exactly ``tokens`` tokens, in the prompt format of
+    a base of ``model_type``. Returns (task, prompt index, token ids — or the exception, which then counts as a
+    wrong answer)."""
     import asyncio
 
     from deltaserve.client.aio import AsyncDeltaClient
@@ -151,7 +158,7 @@ def concurrent_greedy(server, tasks: list[str], images: list, requests: int, tok
             async def one(task, i):
                 try:
                     out = await client.generate(
-                        image_prompt(PROMPTS[i]),
+                        image_prompt(PROMPTS[i], model_type),
                         image=images[i],
                         task=server.base_name if task == "base" else task,
                         max_tokens=tokens,

@@ -1,73 +1,132 @@
 """From validated samples to model inputs: prompt format, one-time encoding, padding, batch streams.
 
-Samples are encoded once with the base's processor (the image processor resizes and
-normalises; the tokenizer expands ``<image>`` into the image tokens), then batches are
-only padded views of those tensors — training never re-decodes an image.
+Architecture-neutral: the base's own processor and chat template say everything.
+
+- The prompt is the base's chat template rendering a one-turn chat (image part, then the
+  question) with the generation prompt; the answer is what the template renders for the
+  assistant turn, up to the EOS token (which is appended as an id). The tiny bases' templates
+  render exactly their completion prompts (:func:`deltaserve.tuning.base.factory.format_prompt`):
+  LLaVA ``<s><image>\\nQ\\nAnswer:`` → `` 7</s>``; Qwen2-VL
+  ``<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>Q<|im_end|>\\n<|im_start|>assistant\\n``
+  → ``7<|im_end|>``. The rendered text carries the template's BOS, so it is tokenised without
+  adding special tokens (as OpenAI-compatible servers tokenise a rendered chat).
+- An image sample is encoded by the processor alone (it resizes, normalises, and expands the
+  image placeholder to the image's tokens). Whatever the processor returns besides ``input_ids``
+  and ``attention_mask`` is kept: per-token sequences (e.g. Qwen2-VL's ``mm_token_type_ids``)
+  are padded like the ids, per-image tensors (``pixel_values`` — LLaVA's ``[1, 3, H, W]``,
+  Qwen2-VL's flattened patches ``[patches, dim]`` — and ``image_grid_thw``) are concatenated
+  over the batch's images in row order, which is the layout each model's processor itself
+  produces for a batch.
+
+Samples are encoded once; batches are only padded views of those tensors — training never
+re-decodes an image.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from deltaserve.tuning.base.tokenizer import IMAGE, PROMPT_FORMAT
 from deltaserve.tuning.data import Sample
 
 IGNORE_INDEX = -100
 """Label of prompt and padding positions: the loss is on the target tokens only."""
 _CHUNK = 256
+_TEXT_KEYS = ("input_ids", "attention_mask")
 
 
-def prompt_text(sample: Sample) -> str:
-    """``"<image>\\nWhat colour is the circle?\\nAnswer:"`` (no image placeholder for text-only samples)."""
-    return PROMPT_FORMAT.format(image=f"{IMAGE}\n" if sample.image is not None else "", question=sample.prompt)
+def _user_turn(sample: Sample) -> list[dict]:
+    content = [{"type": "image"}] if sample.image is not None else []
+    return [{"role": "user", "content": [*content, {"type": "text", "text": sample.prompt}]}]
 
 
-def target_text(sample: Sample) -> str:
-    """What follows the prompt: a space and the answer (the EOS token is appended as an id)."""
-    return " " + sample.target
+def prompt_text(processor, sample: Sample) -> str:
+    """The base's chat template on the sample's one-turn chat, generation prompt added (its BOS included)."""
+    return processor.apply_chat_template(_user_turn(sample), add_generation_prompt=True, tokenize=False)
+
+
+def target_text(processor, sample: Sample) -> str:
+    """What the base's chat template renders for the answer turn after :func:`prompt_text`, up to the EOS token
+    (exclusive; the EOS is appended as an id): ``" 7"`` for the tiny LLaVA, ``"7"`` for the tiny Qwen2-VL."""
+    prompt = prompt_text(processor, sample)
+    chat = [*_user_turn(sample), {"role": "assistant", "content": sample.target}]
+    full = processor.apply_chat_template(chat, tokenize=False)
+    eos = processor.tokenizer.eos_token
+    if not full.startswith(prompt) or eos not in full[len(prompt) :]:
+        raise ValueError(
+            "the base's chat template must render a one-turn chat as the generation prompt followed by the answer "
+            f"and `{eos}`; it rendered {full!r}"
+        )
+    answer = full[len(prompt) :]
+    return answer[: answer.index(eos)]
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """A sample as token ids and pixels. ``prompt_ids`` start with BOS and hold the expanded image tokens."""
+    """A sample as token ids and image inputs. ``prompt_ids`` carry the template's BOS (if any) and the expanded
+    image tokens."""
 
     sample: Sample
     prompt_ids: list[int]
     target_ids: list[int]
     """The answer's tokens followed by EOS."""
-    pixel_values: torch.Tensor | None
-    """[3, H, W], normalised by the image processor; None for a text-only sample."""
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The processor's per-image tensors for this sample (first dimension: this image's rows); empty for text."""
+    token_inputs: dict[str, list[int]] = field(default_factory=dict)
+    """The processor's other per-prompt-token sequences (e.g. ``mm_token_type_ids``); targets and padding get 0."""
 
     @property
     def task(self) -> str:
         return self.sample.task
 
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """This sample's ``pixel_values`` as the processor laid them out (None for a text-only sample)."""
+        return self.image_inputs.get("pixel_values")
+
 
 def encode(processor, samples: list[Sample]) -> list[Encoded]:
-    """Encode ``samples`` (order kept) with the base's processor, in chunks."""
+    """Encode ``samples`` (order kept) with the base's processor: text-only samples in chunks, image samples one
+    by one (the processor lays out each image's tensors; no architecture's formula is needed to split them)."""
     tokenizer = processor.tokenizer
     out: list[Encoded | None] = [None] * len(samples)
-    for with_image in (True, False):
-        indices = [i for i, s in enumerate(samples) if (s.image is not None) == with_image]
-        for start in range(0, len(indices), _CHUNK):
-            chunk = [samples[i] for i in indices[start : start + _CHUNK]]
-            texts = [prompt_text(s) for s in chunk]
-            if with_image:
-                enc = processor(text=texts, images=[s.load_image() for s in chunk], padding=False)
-                pixels = list(enc["pixel_values"])
-            else:
-                enc = processor(text=texts, padding=False)
-                pixels = [None] * len(chunk)
-            targets = tokenizer([target_text(s) for s in chunk], add_special_tokens=False)["input_ids"]
-            for j, sample in enumerate(chunk):
-                pv = None if pixels[j] is None else torch.as_tensor(pixels[j], dtype=torch.float32)
-                out[indices[start + j]] = Encoded(
-                    sample, list(enc["input_ids"][j]), list(targets[j]) + [tokenizer.eos_token_id], pv
+    for start in range(0, len(samples), _CHUNK):
+        chunk = samples[start : start + _CHUNK]
+        targets = tokenizer([target_text(processor, s) for s in chunk], add_special_tokens=False)["input_ids"]
+        text_only = [j for j, s in enumerate(chunk) if s.image is None]
+        if text_only:
+            enc = processor(
+                text=[prompt_text(processor, chunk[j]) for j in text_only], add_special_tokens=False, padding=False
+            )
+            for row, j in enumerate(text_only):
+                tokens = {k: [int(t) for t in v[row]] for k, v in enc.items() if k not in _TEXT_KEYS}
+                out[start + j] = Encoded(
+                    chunk[j], list(enc["input_ids"][row]), list(targets[j]) + [tokenizer.eos_token_id], {}, tokens
                 )
+        for j, sample in enumerate(chunk):
+            if sample.image is None:
+                continue
+            enc = processor(
+                text=[prompt_text(processor, sample)],
+                images=[sample.load_image()],
+                add_special_tokens=False,
+                return_tensors="pt",
+            )
+            ids = enc["input_ids"]  # [1, prompt]
+            tokens, images = {}, {}
+            for key, value in enc.items():
+                if key in _TEXT_KEYS:
+                    continue
+                if value.shape == ids.shape:  # per token
+                    tokens[key] = value[0].tolist()
+                else:  # this image's rows: [1, 3, H, W] pixels, [patches, dim] patches, [1, 3] grid, ...
+                    images[key] = value.float() if value.is_floating_point() else value
+            out[start + j] = Encoded(
+                sample, ids[0].tolist(), list(targets[j]) + [tokenizer.eos_token_id], images, tokens
+            )
     return out  # type: ignore[return-value]
 
 
@@ -75,26 +134,31 @@ def collate(items: list[Encoded], pad_id: int, with_targets: bool = True) -> dic
     """Pad a batch. Training (``with_targets``): prompt + target, padded right, labels on the target only.
 
     Generation (``with_targets=False``): prompts only, padded left so every row ends where generation starts.
+    Per-token inputs are padded alike (0 on targets and padding); per-image inputs are concatenated in row order.
     """
     rows = [e.prompt_ids + e.target_ids if with_targets else e.prompt_ids for e in items]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [batch, seq]
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    token_keys = sorted({k for e in items for k in e.token_inputs})
+    token_inputs = {k: torch.zeros((len(rows), width), dtype=torch.long) for k in token_keys}
     for i, (row, item) in enumerate(zip(rows, items)):
+        span = slice(0, len(row)) if with_targets else slice(width - len(row), width)
+        input_ids[i, span] = torch.tensor(row)
+        attention_mask[i, span] = 1
         if with_targets:
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
             labels[i, len(item.prompt_ids) : len(row)] = torch.tensor(item.target_ids)
-        else:
-            input_ids[i, width - len(row) :] = torch.tensor(row)
-            attention_mask[i, width - len(row) :] = 1
+        for k in token_keys:
+            seq = item.token_inputs.get(k, [0] * len(item.prompt_ids))
+            token_inputs[k][i, span.start : span.start + len(seq)] = torch.tensor(seq, dtype=torch.long)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if with_targets:
         batch["labels"] = labels
-    pixels = [e.pixel_values for e in items if e.pixel_values is not None]
-    if pixels:
-        batch["pixel_values"] = torch.stack(pixels)  # [images, 3, H, W], in row order
+    batch.update(token_inputs)
+    image_keys = sorted({k for e in items for k in e.image_inputs})
+    for k in image_keys:  # e.g. pixel_values [images, 3, H, W] (LLaVA) or [patches, dim] (Qwen2-VL), in row order
+        batch[k] = torch.cat([e.image_inputs[k] for e in items if k in e.image_inputs])
     return batch
 
 

@@ -22,9 +22,11 @@ Sample fields:
 - ``image`` — a path relative to the task directory (``"images/x.png"``), or ``null``
   / absent for a text-only sample. Paths may not be absolute or leave the task directory.
 
-Other keys are ignored; blank lines are skipped. The model sees
-``PROMPT_FORMAT.format(image="<image>\\n" if image else "", question=prompt)``
-(``"<image>\\nWhich digit is written here?\\nAnswer:"``) and learns ``" " + target + "</s>"``.
+Other keys are ignored; blank lines are skipped. The model sees the base's chat template
+rendering a one-turn chat of the image and the prompt, and learns the answer turn the template
+renders for ``target`` (:mod:`deltaserve.tuning.batching`): for the tiny LLaVA base
+``"<s><image>\\nWhich digit is written here?\\nAnswer:"`` then ``" " + target + "</s>"``, for the
+tiny Qwen2-VL base Qwen's chat layout then ``target + "<|im_end|>"``.
 
 Validation reads every line and every image and reports all problems at once as one
 :class:`~deltaserve.tuning.errors.DataError` whose message names file and line:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import IA3_NAME, PROMPTS, TUNED_TOKENS, hf_greedy, image_prompt, peft_model, plugin_model
+from helpers import IA3_NAME, PROMPTS, TUNED_TOKENS, hf_greedy, hf_model_of, image_prompt, peft_model, plugin_model
 from server_process import ServerProcess
 
 THIRD_PARTY_KINDS = Path(__file__).resolve().parents[1] / "kinds"
@@ -39,50 +39,82 @@ TUNED_METHODS = {
     "t-lora-b": ("lora", 2),
     "t-bottleneck": ("bottleneck", 0),
 }
+QWEN_TUNED_METHODS = {
+    "q-spider": ("spider", 0),
+    "q-magnitude": ("magnitude", 0),
+    "q-lora": ("lora", 1),
+    "q-bottleneck": ("bottleneck", 0),
+}
+"""The Qwen2-VL deltas: every kind (sparse by two selective methods), one LoRA."""
 
 
-@pytest.fixture(scope="session")
-def tuned(tiny_base, tmp_path_factory):
-    """Deltas made by ``deltaserve tune`` with its defaults, briefly trained on the tiny world's digits: SPIDER and
-    magnitude masks over the projector and the last two decoder layers (RMSNorm weights included), LoRA on every
-    linear of that scope, bottleneck relu adapters on ``o_proj`` and ``down_proj``. Name → bundle directory."""
+def tune_deltas(base: Path, root: Path, methods: dict[str, tuple[str, int]]) -> dict[str, Path]:
+    """Deltas made by ``deltaserve tune`` with its defaults, briefly trained (30 steps of 8) on the tiny world's
+    digits: SPIDER and magnitude masks over the projector and the last two decoder layers (RMSNorm weights
+    included), LoRA on every linear of that scope, bottleneck relu adapters on ``o_proj`` and ``down_proj``.
+    ``methods``: name → (method, seed). Name → bundle directory."""
     from deltaserve.tuning.tune import TuneConfig, tune
     from deltaserve.tuning.world import WorldConfig, build_world
 
-    root = tmp_path_factory.mktemp("tuned")
     world = build_world(root / "world", WorldConfig(downstream_train=96, val=4, test=4), tasks=("digits",))
     out = {}
-    for name, (method, seed) in TUNED_METHODS.items():
+    for name, (method, seed) in methods.items():
         config = TuneConfig(steps=30, batch_size=8, examples=3, seed=seed, eval_limit=4)
         result = tune(
-            tiny_base, world["digits"], method, root / name, config, name=name, evaluate_general=False, progress=False
+            base, world["digits"], method, root / name, config, name=name, evaluate_general=False, progress=False
         )
         out[name] = result.path
     return out
 
 
-@pytest.fixture(scope="session")
-def tuned_refs(tiny_base, hf_processor, sample_images, tuned):
-    """Per task (``base`` and each tuned delta), transformers' greedy tokens for each of ``PROMPTS`` with its
-    sample image: PEFT for LoRA, the other kinds applied through their plugin. Checked non-degenerate."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
+def tuned_references(base: Path, images: list, tuned: dict[str, Path], methods: dict) -> dict[str, list[list[int]]]:
+    """Per task (``base`` and each tuned delta), transformers' greedy tokens (``TUNED_TOKENS``, as many forced)
+    for each of ``PROMPTS`` with its image, in the base's prompt format: PEFT for LoRA, the other kinds applied
+    through their plugin. Checked non-degenerate: distinct across prompts, and each delta's not the base's."""
+    import json
 
-    models = {"base": LlavaForConditionalGeneration.from_pretrained(str(tiny_base), dtype=torch.float32).eval()}
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(base))
+    model_type = json.loads((base / "config.json").read_text())["model_type"]
+    models = {"base": hf_model_of(base)}
     for name, path in tuned.items():
-        lora = TUNED_METHODS[name][0] == "lora"
-        models[name] = peft_model(tiny_base, path) if lora else plugin_model(tiny_base, path)
+        models[name] = peft_model(base, path) if methods[name][0] == "lora" else plugin_model(base, path)
     out = {
         name: [
-            hf_greedy(m, hf_processor, image_prompt(q), sample_images[i], TUNED_TOKENS, TUNED_TOKENS)
+            hf_greedy(m, processor, image_prompt(q, model_type), images[i], TUNED_TOKENS, TUNED_TOKENS)
             for i, q in enumerate(PROMPTS)
         ]
         for name, m in models.items()
     }
-    for name, outputs in out.items():  # non-degenerate: distinct across prompts, and not the base's answers
+    for name, outputs in out.items():
         assert len({tuple(o) for o in outputs}) == len(outputs), (name, outputs)
         assert name == "base" or outputs != out["base"], f"{name} gives the base's outputs"
     return out
+
+
+@pytest.fixture(scope="session")
+def tuned(tiny_base, tmp_path_factory):
+    """:func:`tune_deltas` of ``TUNED_METHODS`` on the tiny LLaVA base. Name → bundle directory."""
+    return tune_deltas(tiny_base, tmp_path_factory.mktemp("tuned"), TUNED_METHODS)
+
+
+@pytest.fixture(scope="session")
+def tuned_refs(tiny_base, sample_images, tuned):
+    """:func:`tuned_references` of the LLaVA deltas."""
+    return tuned_references(tiny_base, sample_images, tuned, TUNED_METHODS)
+
+
+@pytest.fixture(scope="session")
+def qwen_tuned(tiny_qwen_base, tmp_path_factory):
+    """:func:`tune_deltas` of ``QWEN_TUNED_METHODS`` on the tiny Qwen2-VL base (the merger is its projector)."""
+    return tune_deltas(tiny_qwen_base, tmp_path_factory.mktemp("qwen-tuned"), QWEN_TUNED_METHODS)
+
+
+@pytest.fixture(scope="session")
+def qwen_tuned_refs(tiny_qwen_base, sample_images, qwen_tuned):
+    """:func:`tuned_references` of the Qwen2-VL deltas."""
+    return tuned_references(tiny_qwen_base, sample_images, qwen_tuned, QWEN_TUNED_METHODS)
 
 
 def _modules(tiny_base) -> tuple[list[str], list[str]]:

@@ -320,3 +320,14 @@ def test_refusals_name_the_field_not_server_objects(service):
         ).include_usage()
         is True
     )
+
+
+def test_the_image_placeholder_is_the_bases_own(tiny_base, tiny_qwen_base):
+    """A raw prompt without a placeholder gets the part the base's chat template writes for an image."""
+    from transformers import AutoTokenizer
+
+    from deltaserve.server.requests import image_placeholder
+
+    llava, qwen = (AutoTokenizer.from_pretrained(str(b)) for b in (tiny_base, tiny_qwen_base))
+    assert image_placeholder(llava) == (IMAGE_PLACEHOLDER, f"{IMAGE_PLACEHOLDER}\n")
+    assert image_placeholder(qwen) == ("<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>")

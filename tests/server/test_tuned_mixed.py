@@ -1,4 +1,4 @@
-"""Deltas made by ``deltaserve tune`` share one batch: base, two LoRA, two sparse and one bottleneck delta.
+"""Deltas made by ``deltaserve tune`` share one batch with base traffic, on every architecture family.
 
 The deltas are what the tuning pipeline writes with its defaults (SPIDER and magnitude
 masks over the projector and the last two decoder layers — RMSNorm weights included;
@@ -6,20 +6,45 @@ LoRA on every linear of that scope, fused ``qkv``/``gate_up`` in vLLM; bottlenec
 adapters on ``o_proj`` and ``down_proj``), trained briefly on the tiny world's ``digits``
 so that each one's answers differ from the base's. The tuned experts answer a digit and stop,
 so every request asks for exactly ``TUNED_TOKENS`` tokens (``min_tokens``; transformers:
-``min_new_tokens``) to compare more than one token. 330 concurrent requests, equal shares,
+``min_new_tokens``) to compare more than one token. Many concurrent requests, equal shares,
 each equal token for token to its expert in transformers (PEFT for LoRA; the sparse delta
 merged into the weights; the adapters hooked on), so to its expert served alone.
+
+One engine per architecture: LLaVA (the session server: base, two LoRA, two sparse and one
+bottleneck delta, 330 requests) and Qwen2-VL (its own server: the sparse deltas also change
+the patch merger — its projector — under M-RoPE, fused ``qkv`` with bias; base, one LoRA, two
+sparse and one bottleneck delta, 150 requests).
 """
 
 from __future__ import annotations
 
-from helpers import concurrent_greedy, PROMPTS, png_bytes
-from server_process import ADMIN_TOKEN
+import pytest
+
+from helpers import PROMPTS, concurrent_greedy, png_bytes
+from server_process import ADMIN_TOKEN, ServerProcess
 
 
-def test_tuned_deltas_of_every_kind_share_the_batch_exactly(server, tuned, tuned_refs, sample_images):
+@pytest.fixture(scope="module")
+def qwen_server(tiny_qwen_base, tmp_path_factory):
+    srv = ServerProcess(tiny_qwen_base, tmp_path_factory.mktemp("qwen-server") / "store")
+    yield srv
+    srv.stop()
+
+
+ARCHS = {
+    # arch: (server, deltas, references, requests)
+    "llava": ("server", "tuned", "tuned_refs", 330),
+    "qwen2_vl": ("qwen_server", "qwen_tuned", "qwen_tuned_refs", 150),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tuned_deltas_of_every_kind_share_the_batch_exactly(arch, request, sample_images):
     from deltaserve.client.sync import DeltaClient
 
+    *fixtures, requests = ARCHS[arch]
+    tuned, tuned_refs = (request.getfixturevalue(f) for f in fixtures[1:])
+    server = request.getfixturevalue(fixtures[0])
     with DeltaClient(server.grpc, admin_token=ADMIN_TOKEN) as admin:
         infos = {name: admin.register(path) for name, path in tuned.items()}
     try:
@@ -27,7 +52,7 @@ def test_tuned_deltas_of_every_kind_share_the_batch_exactly(server, tuned, tuned
         images = [png_bytes(img) for img in sample_images[: len(PROMPTS)]]
         tasks = ["base", *tuned]
 
-        results = concurrent_greedy(server, tasks, images, 330)
+        results = concurrent_greedy(server, tasks, images, requests, model_type=arch)
         wrong = [(t, i, got) for t, i, got in results if got != tuned_refs[t][i]]
         assert not wrong, f"{len(wrong)} of {len(results)} differ, e.g. {wrong[:3]}"
     finally:

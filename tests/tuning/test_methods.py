@@ -205,3 +205,46 @@ def test_vision_tower_stays_frozen_unless_asked(tuned, tiny_base):
     params = read_bundle(tuned("full").path).manifest.config["params"]
     assert any(p.startswith("multi_modal_projector.") for p in params)
     assert all(p.startswith(("multi_modal_projector.", "language_model.model.layers.3.")) for p in params)
+
+
+# ----------------------------------------------------------------------------- every method on the tiny Qwen2-VL base
+
+QWEN_TINY = TuneConfig(steps=6, batch_size=8, lr=3e-3, examples=2, last_n_layers=1, eval_limit=2)
+
+
+# spider and magnitude are tuned on Qwen2-VL (and served) by tests/server/test_tuned_mixed.py; full is their code path.
+@pytest.mark.parametrize("method", ["full", "lora", "bottleneck"])
+def test_methods_tune_qwen2_vl_and_its_bundle_reproduces_the_model(method, tiny_qwen_base, world, tmp_path):
+    """Every paradigm on Qwen2-VL: inputs (flattened patches, ``image_grid_thw``, ``mm_token_type_ids``) come from its processor; the
+    scope's projector is the patch merger; applying the exported bundle gives the tuned model's logits exactly."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from deltaserve.plugins.base_spec import BaseSpec
+    from deltaserve.plugins.bundle import read_bundle
+    from deltaserve.tuning.batching import collate, encode
+    from deltaserve.tuning.data import load_task
+
+    result = tune(
+        tiny_qwen_base, world["digits"], method, tmp_path / "b", QWEN_TINY, evaluate_general=False, progress=False
+    )
+    bundle = read_bundle(result.path, base=BaseSpec.from_dir(tiny_qwen_base))
+    assert bundle.manifest.kind == METHODS[method].kind and bundle.manifest.method.name == method
+    if bundle.manifest.kind == "sparse":
+        params = bundle.manifest.config["params"]
+        assert any(p.startswith("model.visual.merger.") for p in params)
+        assert all(p.startswith(("model.visual.merger.", "model.language_model.layers.3.")) for p in params)
+    processor = AutoProcessor.from_pretrained(str(tiny_qwen_base))
+    samples = (
+        load_task(world["digits"], splits=("test",))["test"][:2]
+        + load_task(world["general"] / "arithmetic", splits=("test",))["test"][:1]
+    )
+    batch = collate(encode(processor, samples), processor.tokenizer.pad_token_id, with_targets=False)
+    assert batch["pixel_values"].shape[0] == batch["image_grid_thw"].prod(-1).sum()  # two images' patches
+    with torch.no_grad():
+        tuned_logits = result.model(**batch).logits
+        fresh = Qwen2VLForConditionalGeneration.from_pretrained(str(tiny_qwen_base), dtype=torch.float32).eval()
+        base_logits = fresh(**batch).logits
+        with bundle.kind.apply(fresh, bundle):
+            applied_logits = fresh(**batch).logits
+    assert not torch.equal(tuned_logits, base_logits)
+    assert torch.equal(applied_logits, tuned_logits)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deltaserve.tuning.batching import IGNORE_INDEX, BatchStream, collate, encode, prompt_text
+from deltaserve.tuning.base.factory import format_prompt
 from deltaserve.tuning.data import Sample, load_task
 from deltaserve.tuning.evaluate import evaluate, general_score, normalize, token_f1
 from deltaserve.tuning.train import TrainConfig, TrainHooks, _param_groups, lr_factor, train
@@ -32,8 +33,8 @@ def test_collate_labels_only_the_target(hf_processor, toy_samples):
         assert labelled == item.target_ids and labelled[-1] == hf_processor.tokenizer.eos_token_id
         assert batch["attention_mask"][row].sum() == len(item.prompt_ids) + len(item.target_ids)
     assert (
-        prompt_text(toy_samples[0]).startswith("<image>\n")
-        and prompt_text(toy_samples[-1]) == toy_samples[-1].prompt + "\nAnswer:"
+        prompt_text(hf_processor, toy_samples[0]).startswith("<s><image>\n")  # the chat template carries the BOS
+        and prompt_text(hf_processor, toy_samples[-1]) == "<s>" + toy_samples[-1].prompt + "\nAnswer:"
     )
     assert (batch["input_ids"] == 3).sum() == 2 * 16  # 16 image tokens per image
 
@@ -83,7 +84,8 @@ def test_evaluate_matches_unbatched_greedy(hf_model, hf_processor, toy_samples):
     chosen = toy_samples[:4] + toy_samples[-4:]
     samples = []
     for i, s in enumerate(chosen):
-        ids = hf_greedy(hf_model, hf_processor, prompt_text(s), s.load_image() if s.image else None, max_new_tokens=6)
+        prompt = format_prompt(s.prompt, image=s.image is not None)
+        ids = hf_greedy(hf_model, hf_processor, prompt, s.load_image() if s.image else None, max_new_tokens=6)
         answer = tokenizer.decode([t for t in ids if t != tokenizer.eos_token_id], skip_special_tokens=True)
         samples.append(Sample(s.id, s.prompt, answer if i % 2 == 0 else "#no such answer#", s.image, s.task))
     result = evaluate(hf_model, hf_processor, samples, max_new_tokens=6, batch_size=8, return_predictions=True)
