@@ -76,8 +76,11 @@ def run(name: str, overrides: dict, steps: int | None, seed: int, split: str = "
     config = apply(config, overrides)
     started = time.perf_counter()
     _, _, _, meta = train_base(config, progress=False, eval_split=split)
+    from deltaserve.tuning.world import WORLD_VERSION
+
     return {
         "option": name,
+        "world": f"v{WORLD_VERSION}",
         "split": split,
         "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
         "steps": config.steps,
@@ -98,6 +101,7 @@ def table(records: list[dict]) -> str:
     tasks = sorted({t for r in records for t in r["exact_match"]})
     head = [
         "option",
+        "world",
         "scored on",
         "steps",
         "seed",
@@ -115,6 +119,7 @@ def table(records: list[dict]) -> str:
         with_f1 = {**em, "caption": r["token_f1"].get("caption", em.get("caption", 0.0))}
         row = [
             r["option"],
+            r.get("world", "v2"),  # records before the world column ran on world v2
             r.get("split", "test"),  # records before the split option were scored on test
             r["steps"],
             r["seed"],

@@ -59,6 +59,12 @@ def _fail(exc: Exception) -> click.ClickException:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory of general task dirs for the general score  [default: the embedded world's]",
 )
+@click.option(
+    "--augment-copies",
+    default=None,
+    type=click.IntRange(min=0, max=8),
+    help="Reworded copies of every training prompt, for wordings the task data does not have  [default: 0]",
+)
 @click.option("--no-general", is_flag=True, help="Skip the general score.")
 @click.option(
     "--eval-limit", default=None, type=click.IntRange(min=1), help="Score on at most N test samples per task."
@@ -77,6 +83,7 @@ def tune(
     last_n_layers,
     train_vision_tower,
     general_data,
+    augment_copies,
     no_general,
     eval_limit,
     quiet,
@@ -94,6 +101,7 @@ def tune(
         "batch_size": batch_size,
         "last_n_layers": last_n_layers,
         "eval_limit": eval_limit,
+        "augment_copies": augment_copies,
     }
     config = replace(
         TuneConfig(seed=seed, train_vision_tower=train_vision_tower),
