@@ -1,7 +1,7 @@
 """Image features for routers: the base's own vision tower, pooled to one vector per image.
 
 Routers must not load a second vision model (no model hub here, and the base already has
-one): the CLIP tower LLaVA feeds its projector is read from the base checkpoint.
+one): the tower the base feeds its projector is read from the base checkpoint.
 """
 
 from __future__ import annotations
@@ -27,34 +27,53 @@ def one_torch_thread():
 
 
 class VisionEncoder:
-    """The base's CLIP vision tower (weights from the base checkpoint), pooled to one vector per image."""
+    """The base's own vision tower (weights from the base checkpoint), pooled to one vector per image.
+
+    Architecture-neutral: the tower's class is the one the base's transformers model builds at its
+    family's ``vision_tower`` (:mod:`deltaserve.plugins.families`), its weights the checkpoint tensors
+    under that prefix. Pooling follows the processor's output: one image per row with a class token
+    (LLaVA's CLIP: the mean of the patch states at ``vision_feature_layer``, CLS dropped, as LLaVA's
+    "default" strategy), or every image's patches flattened with ``image_grid_thw`` (Qwen2-VL: the mean
+    of each image's patch states before the merger).
+    """
 
     @staticmethod
     def supports(base_dir: str | Path) -> bool:
-        """Whether the base's vision tower is one this encoder reads (CLIP: LLaVA). Others (Qwen2-VL's ViT) give
-        routers no image features: they route on words alone."""
+        """Whether the base has a vision tower of a known family (else routers route on words alone)."""
         from transformers import AutoConfig
 
-        vision = getattr(AutoConfig.from_pretrained(str(base_dir)), "vision_config", None)
-        return getattr(vision, "model_type", None) == "clip_vision_model"
+        from deltaserve.plugins.families import family_of
+
+        config = AutoConfig.from_pretrained(str(base_dir))
+        try:
+            family_of(config)
+        except ValueError:
+            return False
+        return getattr(config, "vision_config", None) is not None
 
     def __init__(self, base_dir: str | Path):
         import torch
         from safetensors import safe_open
-        from transformers import AutoConfig, AutoProcessor, CLIPVisionModel
+        from transformers import AutoConfig, AutoProcessor
+
+        from deltaserve.plugins.families import family_of
 
         config = AutoConfig.from_pretrained(str(base_dir))
+        family = family_of(config)
+        with torch.device("meta"):  # only to learn the tower's class: nothing is allocated
+            skeleton = family.model_cls()._from_config(config)
+        tower_cls = type(skeleton.get_submodule(family.vision_tower.rstrip(".")))
         self.layer = getattr(config, "vision_feature_layer", -2)
-        self.model = CLIPVisionModel(config.vision_config).eval()
+        self.model = tower_cls._from_config(config.vision_config).eval()
         expected = set(self.model.state_dict())
         state = {}
         for file in sorted(Path(base_dir).glob("*.safetensors")):
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():
-                    if key.startswith("vision_tower."):
-                        # Hub layout `vision_tower.vision_model.…`; transformers 5's CLIPVisionModel has no `vision_model.` level.
-                        name = key.removeprefix("vision_tower.")
-                        if name not in expected:
+                    module = family.to_module(key)
+                    if module.startswith(family.vision_tower):
+                        name = module.removeprefix(family.vision_tower)
+                        if name not in expected:  # transformers 5's CLIPVisionModel may lack the `vision_model.` level
                             name = name.removeprefix("vision_model.")
                         state[name] = f.get_tensor(key)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
@@ -66,8 +85,13 @@ class VisionEncoder:
     def __call__(self, images: list) -> np.ndarray:
         """``[len(images), d]`` mean-pooled features (not normalised)."""
         with one_torch_thread(), self._torch.no_grad():
-            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[
+            inputs = self.processor(images=images, return_tensors="pt")
+            grid = inputs.get("image_grid_thw")
+            if grid is not None:  # every image's patches, flattened and concatenated
+                hidden = self.model(inputs["pixel_values"], grid_thw=grid).last_hidden_state
+                parts = hidden.split(grid.prod(-1).tolist())
+                return self._torch.stack([part.mean(0) for part in parts]).numpy()
+            hidden = self.model(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states[
                 self.layer
             ]  # [n, 1 + patches, d]
             return hidden[:, 1:].mean(1).numpy()  # drop CLS, as LLaVA's "default" strategy does
