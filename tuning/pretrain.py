@@ -55,6 +55,9 @@ class PretrainConfig:
     """Also train on :func:`numeral_samples` (text only, not scored): a base that writes numerals, as any
     real LLM does. Without them the numeral tokens are never a target and their LM-head rows drift away
     from every hidden state, so an expert with the head frozen cannot answer ``"7"`` (docs/expert-ablation.md)."""
+    numerals_task: str = "numerals"
+    """The batch group of the numeral samples: their own (one batch slot in seven) or ``"arithmetic"`` (mixed
+    into that task's cycle: the vision tasks keep their share of the batches)."""
     """Reworded copies of every training prompt (:mod:`deltaserve.tuning.augment`), for phrasings never seen."""
     initializer_range: float = 0.02
     """Init std for pretraining. The random-init base uses a wide 0.3 so that untrained outputs
@@ -103,7 +106,7 @@ NUMERAL_PROMPTS = (
 WORD_PROMPTS = ("Write {n} as a word.", "{n} in words?", "What number word is {n}?", "How do you say {n}?")
 
 
-def numeral_samples() -> list[data.Sample]:
+def numeral_samples(task: str = "numerals") -> list[data.Sample]:
     """Number words to numerals and back (``"Write seven as a numeral."`` → ``"7"``), every pair in every phrasing."""
     from deltaserve.tuning.world.scenes import NUMBER_WORDS
 
@@ -111,9 +114,9 @@ def numeral_samples() -> list[data.Sample]:
     for n, word in enumerate(NUMBER_WORDS):
         for i, t in enumerate(NUMERAL_PROMPTS):
             prompt = t.format(w=word, W=word.capitalize())
-            samples.append(data.Sample(f"numerals:{n}:{i}", prompt, str(n), None, "numerals"))
+            samples.append(data.Sample(f"numerals:{n}:{i}", prompt, str(n), None, task))
         for i, t in enumerate(WORD_PROMPTS):
-            samples.append(data.Sample(f"words:{n}:{i}", t.format(n=n), word, None, "numerals"))
+            samples.append(data.Sample(f"words:{n}:{i}", t.format(n=n), word, None, task))
     return samples
 
 
@@ -177,7 +180,7 @@ def train_base(config: PretrainConfig, progress: bool = True, eval_split: str = 
     samples = [s for task in tasks.values() for s in task["train"]]
     samples += augment.augmented(samples, config.augment_copies, config.seed)
     if config.numerals:
-        samples += numeral_samples()
+        samples += numeral_samples(config.numerals_task)
     items = batching.encode(processor, samples)
     prepared = time.perf_counter()
     result = train.train(model, processor, items, config.train_config(), progress=progress, desc="pretrain")

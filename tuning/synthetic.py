@@ -97,10 +97,13 @@ def make_peft_adapter(base_dir, out_dir, seed: int, r: int = 8, targets: str = "
     """A plain PEFT LoRA adapter directory on the language model, with non-zero B (PEFT's default init is a no-op)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoConfig
+
+    from deltaserve.plugins.families import family_of
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
+    model_cls = family_of(AutoConfig.from_pretrained(str(base_dir))).model_cls()
+    model = model_cls.from_pretrained(str(base_dir), dtype=torch.float32)
     config = LoraConfig(
         r=r, lora_alpha=2 * r, target_modules=rf".*language_model.*\.({targets})", init_lora_weights=False
     )
