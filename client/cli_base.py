@@ -65,8 +65,15 @@ def fingerprint_cmd(base_dir: Path) -> None:
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the initialisation and the batch order.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Optimizer steps (default: the tuned default).")
+@click.option(
+    "--arch",
+    type=click.Choice(["llava", "qwen2_vl"]),
+    default="llava",
+    show_default=True,
+    help="Architecture: the tiny LLaVA (the embedded default) or a tiny Qwen2-VL, same recipe.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def pretrain(out: Path, seed: int, steps: int | None, quiet: bool) -> None:
+def pretrain(out: Path, seed: int, steps: int | None, arch: str, quiet: bool) -> None:
     """Pretrain the tiny base on the world's general tasks (cached by content hash)."""
     from dataclasses import replace
 
@@ -78,6 +85,10 @@ def pretrain(out: Path, seed: int, steps: int | None, quiet: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise click.UsageError(f"`--out` {out} exists and is not empty")
     config = PretrainConfig(seed=seed)
+    if arch != "llava":
+        from deltaserve.tuning.base.factory import TinyQwen2VLConfig
+
+        config = replace(config, base=TinyQwen2VLConfig())
     if steps is not None:
         config = replace(config, steps=steps)
     started = time.perf_counter()

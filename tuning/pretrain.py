@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from deltaserve.plugins.families import LLAVA
+from deltaserve.plugins.families import family_named
 from deltaserve.plugins import env
 from deltaserve.tuning import augment, batching, data, evaluate, train
 from deltaserve.tuning.base import factory, tokenizer
@@ -62,7 +62,8 @@ class PretrainConfig:
     initializer_range: float = 0.02
     """Init std for pretraining. The random-init base uses a wide 0.3 so that untrained outputs
     differ per prompt (see :class:`TinyBaseConfig`); trained from, that width slows learning."""
-    base: factory.TinyBaseConfig = field(default_factory=factory.TinyBaseConfig)
+    base: factory.TinyBaseConfig | factory.TinyQwen2VLConfig = field(default_factory=factory.TinyBaseConfig)
+    """The tiny base's sizes; their class picks the architecture (``TinyQwen2VLConfig``: a Qwen2-VL base)."""
     world: WorldConfig = field(default_factory=WorldConfig)
     """Fixed (seed 0) by default: the tasks users evaluate on must be the ones whose test
     splits the base never trained on."""
@@ -77,13 +78,21 @@ class PretrainConfig:
             weight_decay=self.weight_decay,
             seed=self.seed,
             balance_tasks=True,
-            lr_multipliers=(  # the pretrained base is the embedded LLaVA (factory.build_base)
-                (LLAVA.vision_tower, self.vision_lr_scale),
-                (LLAVA.projector, self.projector_lr_scale),
+            lr_multipliers=(
+                (self.family.vision_tower, self.vision_lr_scale),
+                (self.family.projector, self.projector_lr_scale),
             ),
         )
 
-    def base_config(self) -> factory.TinyBaseConfig:
+    @property
+    def arch(self) -> str:
+        return factory.arch_of(self.base)
+
+    @property
+    def family(self):
+        return family_named(self.arch)
+
+    def base_config(self) -> factory.TinyBaseConfig | factory.TinyQwen2VLConfig:
         return replace(self.base, initializer_range=self.initializer_range)
 
 
@@ -148,6 +157,7 @@ def pretrain_key(config: PretrainConfig) -> str:
     return stable_hash(
         {
             "pretrain_version": PRETRAIN_VERSION,
+            "arch": config.arch,
             "config": asdict(config),
             "world": world_key(config.world, GENERAL_TASKS),
             "code": code,
@@ -174,9 +184,7 @@ def train_base(config: PretrainConfig, progress: bool = True, eval_split: str = 
     tasks = data.load_tasks(world_dir, type="general")
     data_hash = stable_hash({name: tree_hash(task.info.path) for name, task in sorted(tasks.items())})
     base_cfg = config.base_config()
-    tok = tokenizer.build_tokenizer()
-    processor = factory.build_processor(base_cfg, tok)
-    model = factory.init_model(base_cfg, tok, config.seed)
+    tok, processor, model = factory.init_base(base_cfg, config.seed)
     samples = [s for task in tasks.values() for s in task["train"]]
     samples += augment.augmented(samples, config.augment_copies, config.seed)
     if config.numerals:
@@ -191,6 +199,7 @@ def train_base(config: PretrainConfig, progress: bool = True, eval_split: str = 
     )
     scores = {name: d["score"] for name, d in details.items()}
     meta = {
+        **({"arch": config.arch} if config.arch != "llava" else {}),
         "stage": "pretrained",
         "eval_split": eval_split,
         "general_score": round(evaluate.general_score(scores), 4),

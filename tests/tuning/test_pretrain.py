@@ -58,3 +58,30 @@ def test_pretrained_base_loads_in_transformers():
     processor = AutoProcessor.from_pretrained(str(path))
     assert model.config.text_config.initializer_range == TINY.initializer_range
     assert processor.tokenizer.eos_token_id == model.config.text_config.eos_token_id
+
+
+def test_a_qwen2_vl_base_pretrains_with_the_same_recipe(tmp_path):
+    """``PretrainConfig(base=TinyQwen2VLConfig())`` (``deltaserve base pretrain --arch qwen2_vl``): the same
+    data, schedule and scoring on the Qwen2-VL layout; the tower and merger get the per-part learning rates."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from deltaserve.plugins.families import QWEN2_VL
+    from deltaserve.tuning.base.factory import TinyQwen2VLConfig
+
+    config = replace(TINY, steps=12, base=TinyQwen2VLConfig())
+    assert config.arch == "qwen2_vl" and config.train_config().lr_multipliers[0][0] == QWEN2_VL.vision_tower
+    assert pretrain_key(config) != pretrain_key(TINY)
+    result = pretrain(config, progress=False)
+    meta = json.loads((result.path / META_FILE).read_text())
+    assert meta["arch"] == "qwen2_vl" and meta["stage"] == "pretrained" and set(meta["scores"]) == set(GENERAL_TASKS)
+    assert AutoConfig.from_pretrained(str(result.path)).model_type == "qwen2_vl"
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(result.path), dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(str(result.path))
+    assert processor.tokenizer.eos_token_id == model.config.text_config.eos_token_id
+    from deltaserve.tuning.base.factory import init_base
+
+    initial = init_base(config.base_config(), config.seed)[2].state_dict()
+    trained = model.state_dict()
+    changed = [n for n in initial if n in trained and not torch.equal(initial[n], trained[n])]
+    assert any(n.startswith("model.visual.") for n in changed) and any("language_model" in n for n in changed)

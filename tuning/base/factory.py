@@ -312,26 +312,37 @@ def build_base(
     default: the defaults). ``deltaserve-base.json`` records seed, sizes and stage, and for every arch but the
     default llava (whose files stay as they were) the arch.
     """
-    if arch == "llava":
-        cfg = cfg or TinyBaseConfig()
-        if not isinstance(cfg, TinyBaseConfig):
-            raise TypeError(f"arch llava takes a TinyBaseConfig, not {type(cfg).__name__}")
-        tokenizer = build_tokenizer()
-        processor = build_processor(cfg, tokenizer)
-        model = init_model(cfg, tokenizer, seed)
-        meta = {"seed": seed, "sizes": asdict(cfg), "stage": "random-init"}
-    elif arch == "qwen2_vl":
-        cfg = cfg or TinyQwen2VLConfig()
-        if not isinstance(cfg, TinyQwen2VLConfig):
-            raise TypeError(f"arch qwen2_vl takes a TinyQwen2VLConfig, not {type(cfg).__name__}")
-        tokenizer = _tok.build_qwen2_vl_tokenizer()
-        processor = build_qwen2_vl_processor(cfg, tokenizer)
-        model = init_qwen2_vl_model(cfg, tokenizer, seed)
-        meta = {"arch": arch, "seed": seed, "sizes": asdict(cfg), "stage": "random-init"}
-    else:
+    if arch not in ARCHS:
         raise ValueError(f"unknown arch `{arch}` (known: {', '.join(ARCHS)})")
+    cfg = cfg or (TinyBaseConfig() if arch == "llava" else TinyQwen2VLConfig())
+    if arch_of(cfg) != arch:
+        raise TypeError(f"arch {arch} takes a {_SIZES[arch].__name__}, not {type(cfg).__name__}")
+    tokenizer, processor, model = init_base(cfg, seed)
+    meta = {"seed": seed, "sizes": asdict(cfg), "stage": "random-init"}
+    if arch != "llava":
+        meta = {"arch": arch, **meta}
     save_model_dir(model, tokenizer, processor, Path(out), meta)
     return Path(out)
+
+
+def arch_of(cfg: TinyBaseConfig | TinyQwen2VLConfig) -> str:
+    """The architecture a sizes object describes (one of :data:`ARCHS`)."""
+    for arch, sizes in _SIZES.items():
+        if type(cfg) is sizes:
+            return arch
+    raise TypeError(f"not a tiny-base sizes object: {type(cfg).__name__}")
+
+
+def init_base(cfg: TinyBaseConfig | TinyQwen2VLConfig, seed: int):
+    """``(tokenizer, processor, model)`` of a tiny random-init base with sizes ``cfg`` (its class picks the arch)."""
+    if arch_of(cfg) == "llava":
+        tokenizer = build_tokenizer()
+        return tokenizer, build_processor(cfg, tokenizer), init_model(cfg, tokenizer, seed)
+    tokenizer = _tok.build_qwen2_vl_tokenizer()
+    return tokenizer, build_qwen2_vl_processor(cfg, tokenizer), init_qwen2_vl_model(cfg, tokenizer, seed)
+
+
+_SIZES = {"llava": TinyBaseConfig, "qwen2_vl": TinyQwen2VLConfig}
 
 
 def _write_json(path: Path, obj) -> None:
