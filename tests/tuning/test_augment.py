@@ -64,3 +64,7 @@ def test_numeral_samples_cover_every_number_both_ways():
     assert {str(n) for n in range(13)} <= targets and {"zero", "seven", "twelve"} <= targets
     assert all(s.image is None and s.task == "numerals" for s in samples)
     assert ("Write seven as a numeral.", "7") in {(s.prompt, s.target) for s in samples}
+
+
+def test_numeral_samples_can_join_another_tasks_batches():
+    assert {s.task for s in numeral_samples("arithmetic")} == {"arithmetic"}
