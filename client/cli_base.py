@@ -9,6 +9,16 @@ from pathlib import Path
 import click
 
 
+def _arch_option(help: str):
+    return click.option(
+        "--arch",
+        type=click.Choice(["llava", "qwen2_vl"]),  # deltaserve.tuning.base.factory.ARCHS (not imported: CLI start-up)
+        default="llava",
+        show_default=True,
+        help=help,
+    )
+
+
 @click.group()
 def base() -> None:
     """Build and inspect base models."""
@@ -23,13 +33,7 @@ def base() -> None:
     help="Directory to write (must not exist or be empty).",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random initialisation.")
-@click.option(
-    "--arch",
-    type=click.Choice(["llava", "qwen2_vl"]),  # deltaserve.tuning.base.factory.ARCHS
-    default="llava",
-    show_default=True,
-    help="Architecture: the tiny LLaVA (the embedded default) or a tiny Qwen2-VL.",
-)
+@_arch_option("Architecture: the tiny LLaVA (the embedded default) or a tiny Qwen2-VL.")
 def build(out: Path, seed: int, arch: str) -> None:
     """Build the tiny random-init LLaVA (or Qwen2-VL) base (deterministic per seed)."""
     from deltaserve.plugins.fingerprint import fingerprint
@@ -65,13 +69,7 @@ def fingerprint_cmd(base_dir: Path) -> None:
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the initialisation and the batch order.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Optimizer steps (default: the tuned default).")
-@click.option(
-    "--arch",
-    type=click.Choice(["llava", "qwen2_vl"]),
-    default="llava",
-    show_default=True,
-    help="Architecture: the tiny LLaVA (the embedded default) or a tiny Qwen2-VL, same recipe.",
-)
+@_arch_option("Architecture: the tiny LLaVA (the embedded default) or a tiny Qwen2-VL, same recipe.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def pretrain(out: Path, seed: int, steps: int | None, arch: str, quiet: bool) -> None:
     """Pretrain the tiny base on the world's general tasks (cached by content hash)."""
@@ -86,9 +84,9 @@ def pretrain(out: Path, seed: int, steps: int | None, arch: str, quiet: bool) ->
         raise click.UsageError(f"`--out` {out} exists and is not empty")
     config = PretrainConfig(seed=seed)
     if arch != "llava":
-        from deltaserve.tuning.base.factory import TinyQwen2VLConfig
+        from deltaserve.tuning.base.factory import default_sizes
 
-        config = replace(config, base=TinyQwen2VLConfig())
+        config = replace(config, base=default_sizes(arch))
     if steps is not None:
         config = replace(config, steps=steps)
     started = time.perf_counter()

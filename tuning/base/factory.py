@@ -47,9 +47,6 @@ from deltaserve.plugins.families import family_of
 from deltaserve.tuning.base import tokenizer as _tok
 from deltaserve.tuning.base.tokenizer import CHAT_TEMPLATE, IMAGE, build_tokenizer
 
-ARCHS = ("llava", "qwen2_vl")
-"""``build_base(arch=…)`` values (== the written ``config.json``'s ``model_type``)."""
-
 WEIGHTS_FILE = "model.safetensors"
 # CLIP's normalisation constants (what CLIPImageProcessor uses by default).
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -314,7 +311,7 @@ def build_base(
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch `{arch}` (known: {', '.join(ARCHS)})")
-    cfg = cfg or (TinyBaseConfig() if arch == "llava" else TinyQwen2VLConfig())
+    cfg = cfg or _SIZES[arch]()
     if arch_of(cfg) != arch:
         raise TypeError(f"arch {arch} takes a {_SIZES[arch].__name__}, not {type(cfg).__name__}")
     tokenizer, processor, model = init_base(cfg, seed)
@@ -343,6 +340,13 @@ def init_base(cfg: TinyBaseConfig | TinyQwen2VLConfig, seed: int):
 
 
 _SIZES = {"llava": TinyBaseConfig, "qwen2_vl": TinyQwen2VLConfig}
+ARCHS = tuple(_SIZES)
+"""``build_base(arch=…)`` values (== the written ``config.json``'s ``model_type``)."""
+
+
+def default_sizes(arch: str) -> TinyBaseConfig | TinyQwen2VLConfig:
+    """The default sizes of ``arch``'s tiny base (their class picks the architecture)."""
+    return _SIZES[arch]()
 
 
 def _write_json(path: Path, obj) -> None:
