@@ -169,10 +169,10 @@ def _vllm_generated_tokens(server) -> float:
 STREAMS, LONG_ANSWER = 10, 400
 
 
-def _abandon(server, *, stream: bool) -> None:
-    """Send ``STREAMS`` requests for ``LONG_ANSWER`` tokens (ignore_eos), let generation start, close
-    every connection, and assert that the engine stops: at most a few tokens per request after the
-    disconnects (400 tokens take longer than the 3 s watched), and far from every answer in all."""
+def _abandon_once(server, *, stream: bool) -> tuple[float, float]:
+    """Send ``STREAMS`` requests for ``LONG_ANSWER`` tokens (ignore_eos), let generation start, close every
+    connection (a streamed one right after its first chunk). Returns (tokens generated before the last
+    close was seen, tokens generated in the 3 s after it)."""
     import http.client
     import time
     from urllib.parse import urlparse
@@ -197,14 +197,15 @@ def _abandon(server, *, stream: bool) -> None:
             resp = conn.getresponse()
             assert resp.status == 200
             assert resp.read1(64).startswith(b"data: ")  # the first chunk arrived: generation runs
+            conn.sock.close()  # this user goes away
+            conn.close()
     else:
         deadline = time.monotonic() + 60
         while _vllm_generated_tokens(server) - before < STREAMS and time.monotonic() < deadline:
             time.sleep(0.05)  # until generation runs
-    for conn in conns:
-        conn.sock.close()  # the users go away
-        conn.close()
-    if not stream:
+        for conn in conns:
+            conn.sock.close()  # the users go away
+            conn.close()
         time.sleep(0.5)  # the server notices the closed sockets (no chunk to write meanwhile)
     at_close = _vllm_generated_tokens(server)
     time.sleep(3.0)
@@ -212,13 +213,25 @@ def _abandon(server, *, stream: bool) -> None:
     print(
         f"{after - before:.0f} tokens for {STREAMS} abandoned requests of {LONG_ANSWER} (stream={stream}), {after - at_close:.0f} after the disconnects"
     )
-    assert after - at_close <= STREAMS * 10, (
-        f"{after - at_close} tokens generated after {STREAMS} disconnects (all answers: {STREAMS * LONG_ANSWER})"
-    )
-    # Far from every answer: how much ran before the closes depends on the machine's load (the
-    # tiny model streams fast; 2,415 of 4,000 were seen on a busy 2-core machine), what ran after
-    # them is the claim, asserted above.
-    assert after - before < STREAMS * LONG_ANSWER * 0.9
+    return at_close - before, after - at_close
+
+
+def _abandon(server, *, stream: bool) -> None:
+    """Abandoned requests stop: at most a few tokens per request after the disconnects (400 tokens take
+    longer than the 3 s watched). A trial is only conclusive when the answers were not already complete
+    when the client left: the tiny model can generate all 4,000 tokens while a loaded machine's client
+    reads its first chunks (seen once in CI: 4,000 before the closes, 0 after). Such a trial says nothing
+    either way and is repeated, at most three times."""
+    trials = []
+    for _ in range(3):
+        before_close, after_close = _abandon_once(server, stream=stream)
+        trials.append((before_close, after_close))
+        assert after_close <= STREAMS * 10, (
+            f"{after_close} tokens generated after {STREAMS} disconnects (all answers: {STREAMS * LONG_ANSWER})"
+        )
+        if before_close < STREAMS * LONG_ANSWER * 0.9:
+            break
+    assert trials[-1][0] < STREAMS * LONG_ANSWER * 0.9, f"every trial was complete before the disconnects: {trials}"
     _still_serves(server)
 
 
