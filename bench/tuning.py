@@ -16,6 +16,10 @@ and cosine decay; peak LR 3e-3 for every method, chosen once and not tuned per m
 - **peak memory** — peak tensor memory allocated during the first two steps (model weights
   excluded: gradients, optimizer and method state, activations), relative to ``full``.
 
+Every (task, method) is tuned once per seed (``--seeds``, default 0,1,2: the seed of the tuning run — batch
+order, initialisation of adapters; the base is the same for all); the tables give the mean over seeds with the
+range (min–max), and the seed's claim is checked per seed, not only on the means.
+
 Writes ``docs/tuning-results.{json,md,png}``. Every figure comes from this one run.
 """
 
@@ -46,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default=None, help="comma-separated downstream tasks (default: all of the world's)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: TuneConfig's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated tuning seeds (one run per seed)")
     p.add_argument("--eval-limit", type=int, default=None, help="test samples per task (default: all)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "docs", help="where tuning-results.* go")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,7 +109,8 @@ def run(args: argparse.Namespace) -> dict:
         )
     else:
         base_dir, base_info = args.base, {"path": str(args.base)}
-    config = TuneConfig(seed=args.seed, eval_limit=args.eval_limit, profile_memory_steps=2)
+    seeds = tuple(int(x) for x in args.seeds.split(","))
+    config = TuneConfig(eval_limit=args.eval_limit, profile_memory_steps=2)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
     task_dirs = {t: world_task_dir(t) for t in tasks}
@@ -114,44 +119,58 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "machine": machine(),
         "base": base_info,
-        "config": {**asdict(config), "lr_by_method": {m: config.train_config(m).lr for m in methods}},
+        "config": {
+            **asdict(config),
+            "seeds": list(seeds),
+            "lr_by_method": {m: config.train_config(m).lr for m in methods},
+        },
         "base_scores": base_scores(base_dir, task_dirs, general, args.eval_limit),
         "runs": [],
     }
     scratch = Path(tempfile.mkdtemp(prefix="deltaserve-bench-tuning-"))
     try:
-        for task, task_dir in task_dirs.items():
-            for method in methods:
-                print(f"[bench] {task} × {method}", file=sys.stderr, flush=True)
-                result = tune(
-                    base_dir,
-                    task_dir,
-                    method,
-                    scratch / f"{task}-{method}",
-                    config,
-                    general_dir=general_dir,
-                    progress=not args.quiet,
-                )
-                report["runs"].append(
-                    {
-                        "task": task,
-                        "method": method,
-                        "kind": json.loads((result.path / "delta.json").read_text())["kind"],
-                        "metrics": result.metrics,
-                        "stats": result.stats,
-                        "step_seconds": round(result.step_seconds, 4),
-                        "peak_memory_bytes": result.peak_memory_bytes,
-                        "seconds": result.seconds,
-                        "bundle_bytes": sum(p.stat().st_size for p in result.path.rglob("*") if p.is_file()),
-                        "loss_first": result.metrics.get("train_loss_first"),
-                        "loss_last": result.metrics.get("train_loss_last"),
-                    }
-                )
-                del result
+        for seed in seeds:
+            for task, task_dir in task_dirs.items():
+                for method in methods:
+                    print(f"[bench] seed {seed}: {task} × {method}", file=sys.stderr, flush=True)
+                    result = tune(
+                        base_dir,
+                        task_dir,
+                        method,
+                        scratch / f"{task}-{method}-{seed}",
+                        replace(config, seed=seed),
+                        general_dir=general_dir,
+                        progress=not args.quiet,
+                    )
+                    report["runs"].append(
+                        {
+                            "seed": seed,
+                            "task": task,
+                            "method": method,
+                            "kind": json.loads((result.path / "delta.json").read_text())["kind"],
+                            "metrics": result.metrics,
+                            "stats": result.stats,
+                            "step_seconds": round(result.step_seconds, 4),
+                            "peak_memory_bytes": result.peak_memory_bytes,
+                            "seconds": result.seconds,
+                            "bundle_bytes": sum(p.stat().st_size for p in result.path.rglob("*") if p.is_file()),
+                            "loss_first": result.metrics.get("train_loss_first"),
+                            "loss_last": result.metrics.get("train_loss_last"),
+                        }
+                    )
+                    shutil.rmtree(result.path, ignore_errors=True)
+                    del result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for run_ in report["runs"]:
-        full = next((r for r in report["runs"] if r["task"] == run_["task"] and r["method"] == "full"), None)
+        full = next(
+            (
+                r
+                for r in report["runs"]
+                if r["task"] == run_["task"] and r["seed"] == run_["seed"] and r["method"] == "full"
+            ),
+            None,
+        )
         if full:
             run_["step_time_vs_full"] = round(run_["step_seconds"] / full["step_seconds"], 3)
             run_["peak_memory_vs_full"] = (
@@ -171,42 +190,90 @@ def _fmt_params(n: int | None) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
+def _spread(values: list[float]) -> dict:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def summary(report: dict) -> dict[tuple[str, str], dict]:
+    """Per (task, method): target, general and H as mean and range over the seeds; sizes and times as means."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in report["runs"]:
+        out.setdefault((r["task"], r["method"]), {"kind": r["kind"], "runs": []})["runs"].append(r)
+    for entry in out.values():
+        runs = entry["runs"]
+        for key in ("target", "general", "h"):
+            entry[key] = _spread([r["metrics"][key] for r in runs])
+        for key in ("delta_params", "density", "trainable_params"):
+            values = [r["stats"][key] for r in runs if key in r["stats"]]
+            entry[key] = sum(values) / len(values) if values else None
+        for key in ("step_time_vs_full", "peak_memory_vs_full", "step_seconds", "peak_memory_bytes"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            entry[key] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
+def _cell(spread: dict, bold: bool = False) -> str:
+    mean = f"**{spread['mean']:.3f}**" if bold else f"{spread['mean']:.3f}"
+    return mean if spread["min"] == spread["max"] else f"{mean} ({spread['min']:.2f}–{spread['max']:.2f})"
+
+
 def table(report: dict) -> str:
     rows = [
         "| task | method | kind | target | general | H | delta params | density | trainable | step time vs full | peak mem vs full |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = report["base_scores"]
-    for task in dict.fromkeys(r["task"] for r in report["runs"]):
+    summ = summary(report)
+    for task in dict.fromkeys(t for t, _ in summ):
         t0, g0 = base["target"][task], base["general"]
         h0 = 0.0 if t0 + g0 == 0 else 2 * t0 * g0 / (t0 + g0)
         rows.append(f"| {task} | *base* | – | {t0:.3f} | {g0:.3f} | {h0:.3f} | – | – | – | – | – |")
-        for r in (r for r in report["runs"] if r["task"] == task):
-            m, s = r["metrics"], r["stats"]
-            density = f"{s['density']:.3f}" if "density" in s else "–"
+        for (t, method), e in summ.items():
+            if t != task:
+                continue
+            density = f"{e['density']:.3f}" if e["density"] is not None else "–"
             rows.append(
-                f"| {task} | {r['method']} | {r['kind']} | {m['target']:.3f} | {m['general']:.3f} | **{m['h']:.3f}** | "
-                f"{_fmt_params(s.get('delta_params'))} | {density} | {_fmt_params(s.get('trainable_params'))} | "
-                f"{r.get('step_time_vs_full', float('nan')):.2f}× ({r['step_seconds'] * 1000:.0f} ms) | "
-                f"{(r.get('peak_memory_vs_full') or float('nan')):.2f}× ({r['peak_memory_bytes'] / 2**20:.1f} MiB) |"
+                f"| {task} | {method} | {e['kind']} | {_cell(e['target'])} | {_cell(e['general'])} | {_cell(e['h'], True)} | "
+                f"{_fmt_params(e['delta_params'] and round(e['delta_params']))} | {density} | "
+                f"{_fmt_params(e['trainable_params'] and round(e['trainable_params']))} | "
+                f"{e['step_time_vs_full']:.2f}× ({e['step_seconds'] * 1000:.0f} ms) | "
+                f"{e['peak_memory_vs_full']:.2f}× ({e['peak_memory_bytes'] / 2**20:.1f} MiB) |"
             )
     return "\n".join(rows)
 
 
 def observations(report: dict) -> list[str]:
-    """Plain comparisons read off the table (no claims beyond the numbers)."""
+    """Plain comparisons read off the runs (no claims beyond the numbers), per seed where it matters."""
     lines = []
     base_general = report["base_scores"]["general"]
-    for task in dict.fromkeys(r["task"] for r in report["runs"]):
-        runs = {r["method"]: r["metrics"] for r in report["runs"] if r["task"] == task}
-        best = max(runs, key=lambda m: runs[m]["h"])
+    summ = summary(report)
+    seeds = report["config"]["seeds"]
+    for task in dict.fromkeys(t for t, _ in summ):
+        runs = {m: e for (t, m), e in summ.items() if t == task}
+        best = max(runs, key=lambda m: runs[m]["h"]["mean"])
         lines.append(
-            f"- `{task}`: highest H {runs[best]['h']:.3f} by **{best}**; general score kept (vs the base's {base_general:.3f}): "
-            + ", ".join(f"{m} {v['general']:.3f}" for m, v in runs.items())
+            f"- `{task}`: highest mean H {runs[best]['h']['mean']:.3f} by **{best}**; general score kept (vs the base's "
+            f"{base_general:.3f}): "
+            + ", ".join(f"{m} {v['general']['mean']:.3f}" for m, v in runs.items())
             + "; target: "
-            + ", ".join(f"{m} {v['target']:.3f}" for m, v in runs.items())
+            + ", ".join(f"{m} {v['target']['mean']:.3f}" for m, v in runs.items())
             + "."
         )
+        if "spider" not in runs:
+            continue
+        per_seed = {(r["method"], r["seed"]): r["metrics"] for r in report["runs"] if r["task"] == task}
+        parts = []
+        for m in runs:
+            if m == "spider":
+                continue
+            both = [s for s in seeds if ("spider", s) in per_seed and (m, s) in per_seed]
+            kept = sum(per_seed[("spider", s)]["general"] > per_seed[(m, s)]["general"] for s in both)
+            diff = [per_seed[("spider", s)]["target"] - per_seed[(m, s)]["target"] for s in both]
+            parts.append(
+                f"{m}: general higher in {kept}/{len(both)} seeds, target difference "
+                f"{sum(diff) / len(diff):+.3f} ({min(diff):+.2f} to {max(diff):+.2f})"
+            )
+        lines.append("  - the seed's claim, SPIDER against each method seed by seed — " + "; ".join(parts) + ".")
     return lines
 
 
@@ -216,7 +283,8 @@ def markdown(report: dict) -> str:
     lrs = ", ".join(f"{m} {lr:g}" for m, lr in cfg["lr_by_method"].items())
     return f"""# Tuning methods on the embedded base: specialization vs forgetting
 
-Generated by `bench/tuning.py` (`make bench-tuning`) in one run of {report["seconds"] / 60:.1f} min. Raw numbers:
+Generated by `bench/tuning.py` (`make bench-tuning`) in one run of {report["seconds"] / 60:.1f} min, every method
+tuned once per seed ({", ".join(map(str, cfg["seeds"]))}): cells give the mean over seeds and, in parentheses, the range. Raw numbers:
 [tuning-results.json](tuning-results.json); plot: [tuning-results.png](tuning-results.png).
 
 ![target vs general score per method](tuning-results.png)
@@ -242,7 +310,7 @@ parameters the optimizer updated. step time: median over the run's steps, relati
 - scope: multimodal projector + the last {cfg["last_n_layers"]} decoder layers, vision tower frozen
   (LoRA and bottleneck can only attach to the decoder layers: vLLM serves LoRA on the language model only);
 - {cfg["steps"]} optimizer steps of batch {cfg["batch_size"]}, AdamW (betas 0.9/0.98, no weight decay), {cfg["warmup_steps"]}
-  warm-up steps then cosine decay to {cfg["min_lr_ratio"]}× the peak, gradient clipping at {cfg["grad_clip"]}, seed {cfg["seed"]};
+  warm-up steps then cosine decay to {cfg["min_lr_ratio"]}× the peak, gradient clipping at {cfg["grad_clip"]}, seeds {cfg["seeds"]};
 - peak learning rate, fixed per method family before the run and not tuned on these results: {lrs};
 - magnitude: the largest {cfg["options"]["magnitude_ratio"]:.0%} |w0| of each tensor frozen; LoRA: r={cfg["options"]["lora_r"]},
   alpha={cfg["options"]["lora_alpha"]:g} on {", ".join(cfg["options"]["lora_targets"])}; bottleneck: width {cfg["options"]["bottleneck_dim"]},
@@ -263,15 +331,23 @@ def plot(report: dict, path: Path) -> None:
     markers = {"spider": "*", "magnitude": "s", "full": "o", "lora": "^", "bottleneck": "D"}
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
     base = report["base_scores"]
+    summ = summary(report)
     for ax, task in zip(axes[0], tasks):
         ax.scatter([base["target"][task]], [base["general"]], marker="x", s=80, color="black", label="base")
-        for r in (r for r in report["runs"] if r["task"] == task):
-            ax.scatter(
-                [r["metrics"]["target"]],
-                [r["metrics"]["general"]],
-                marker=markers.get(r["method"], "o"),
-                s=90,
-                label=r["method"],
+        for (t, method), e in summ.items():
+            if t != task:
+                continue
+            tx, gy = e["target"], e["general"]
+            ax.errorbar(
+                [tx["mean"]],
+                [gy["mean"]],
+                xerr=[[tx["mean"] - tx["min"]], [tx["max"] - tx["mean"]]],
+                yerr=[[gy["mean"] - gy["min"]], [gy["max"] - gy["mean"]]],
+                marker=markers.get(method, "o"),
+                markersize=9,
+                capsize=3,
+                linestyle="none",
+                label=method,
             )
         ax.set_title(f"{task}")
         ax.set_xlabel("target score (test exact match)")
@@ -280,7 +356,10 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
-    fig.suptitle(f"Specialization vs forgetting, {report['config']['steps']} steps per method")
+    fig.suptitle(
+        f"Specialization vs forgetting, {report['config']['steps']} steps per method, "
+        f"mean and range over seeds {report['config']['seeds']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
