@@ -91,6 +91,13 @@ def _fail(exc: DeltaClientError) -> None:
     help="MiB a plan delta may hold in the engine and still share the batch; larger ones get an exclusive state.",
 )
 @click.option(
+    "--max-bundle-size",
+    type=click.FloatRange(min=0, min_open=True),
+    default=512,
+    show_default=True,
+    help="Largest delta bundle (MiB, all files) a registration may bring.",
+)
+@click.option(
     "--router",
     default="auto",
     show_default=True,
@@ -144,6 +151,7 @@ def serve(
     no_lora,
     no_exclusive,
     concurrent_delta_budget,
+    max_bundle_size,
     tensor_parallel_size,
     router,
     router_opt,
@@ -199,6 +207,7 @@ def serve(
         grace_period_s=grace_period,
         default_max_tokens=default_max_tokens,
         max_image_pixels=max_image_pixels,
+        max_bundle_bytes=int(max_bundle_size * 1024 * 1024),
         router=router,
         extra=extra,
     )

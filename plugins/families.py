@@ -98,7 +98,26 @@ QWEN2_VL = Family(
     language_model="model.language_model.",
 )
 
-FAMILIES = (LLAVA, QWEN2_VL)
+QWEN2_5_VL = Family(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    model_class="Qwen2_5_VLForConditionalGeneration",
+    # The Hub layout of the published checkpoints (e.g. Qwen/Qwen2.5-VL-7B-Instruct, saved before transformers
+    # nested the modules): `visual.*` and `model.*` (the decoder); transformers 5.x renames on load
+    # (conversion_mapping.py, `^visual` → `model.visual`, `^model` → `model.language_model`), vLLM's weight
+    # mapper reads it. A checkpoint re-saved by transformers 5.x (`model.language_model.*`) is not this layout.
+    checkpoint_prefixes=(
+        ("model.visual.", "visual."),
+        ("model.language_model.", "model."),
+    ),
+    vision_tower="model.visual.",
+    projector="model.visual.merger.",
+    decoder_layers="model.language_model.layers.",
+    lm_head="lm_head.",
+    language_model="model.",
+)
+
+FAMILIES = (LLAVA, QWEN2_VL, QWEN2_5_VL)
 
 
 def family_named(name: str) -> Family:
