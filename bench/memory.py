@@ -408,9 +408,9 @@ def render(models: list[dict]) -> str:
         )
     lines += [
         "",
-        "- LoRA: the tuner trains in float32 and PEFT writes the adapter as trained (`deltaserve tune` has no rank",
-        f"  option: it uses r={next(iter(models[0]['lora']['params']))}; r=16 and r=64 are for adapters made elsewhere"
-        " and registered as PEFT directories). In vLLM an adapter is",
+        "- LoRA: the tuner trains in float32 and PEFT writes the adapter as trained (`deltaserve tune` uses",
+        f"  r={next(iter(models[0]['lora']['params']))} unless `--lora-rank` says otherwise; adapters made elsewhere"
+        " register as PEFT directories). In vLLM an adapter is",
         "  copied into pre-allocated slots of the model dtype: the GPU cost of multi-LoRA is the slot row, paid once",
         "  at start-up whatever the adapters' ranks; loaded adapters also sit in host memory (`--max-cpu-loras`).",
         "- Sparse: resident bytes as `server/worker_patches.py: resolve_plan` counts them (`resident_bytes`): the",

@@ -65,6 +65,18 @@ def _fail(exc: Exception) -> click.ClickException:
     type=click.IntRange(min=0, max=8),
     help="Reworded copies of every training prompt, for wordings the task data does not have  [default: 0]",
 )
+@click.option(
+    "--lora-rank",
+    default=None,
+    type=click.IntRange(min=1, max=256),
+    help="`lora`: rank r of the factors; alpha is 2r, as in the default r=8, alpha=16  [default: 8]",
+)
+@click.option(
+    "--bottleneck-width",
+    default=None,
+    type=click.IntRange(min=1, max=4096),
+    help="`bottleneck`: width of the adapters' down projection  [default: 32]",
+)
 @click.option("--no-general", is_flag=True, help="Skip the general score.")
 @click.option(
     "--eval-limit", default=None, type=click.IntRange(min=1), help="Score on at most N test samples per task."
@@ -84,6 +96,8 @@ def tune(
     train_vision_tower,
     general_data,
     augment_copies,
+    lora_rank,
+    bottleneck_width,
     no_general,
     eval_limit,
     quiet,
@@ -107,6 +121,12 @@ def tune(
         TuneConfig(seed=seed, train_vision_tower=train_vision_tower),
         **{k: v for k, v in overrides.items() if v is not None},
     )
+    options = {
+        **({"lora_r": lora_rank, "lora_alpha": 2.0 * lora_rank} if lora_rank is not None else {}),
+        **({"bottleneck_dim": bottleneck_width} if bottleneck_width is not None else {}),
+    }
+    if options:
+        config = replace(config, options=replace(config.options, **options))
     try:
         result = run_tune(
             base_dir,

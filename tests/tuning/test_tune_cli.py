@@ -58,6 +58,31 @@ def tuned(tiny_base, world, tmp_path_factory):
     return out, json.loads(result.stdout)
 
 
+@pytest.mark.parametrize(
+    ("method", "flag", "value", "recorded"),
+    [
+        ("lora", "--lora-rank", 4, {"r": 4, "lora_alpha": 8.0}),
+        ("bottleneck", "--bottleneck-width", 6, {"bottleneck_dim": 6}),
+    ],
+)
+def test_lora_rank_and_bottleneck_width_reach_the_bundle(tiny_base, world, tmp_path, method, flag, value, recorded):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    args = ["tune", "--base", str(tiny_base), "--data", str(world["digits"]), "--method", method, "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, *FAST, "--no-general", flag, str(value)])
+    assert result.exit_code == 0, result.output
+    hyper = json.loads((out / "delta.json").read_text())["method"]["hyperparameters"]
+    assert {k: hyper[k] for k in recorded} == recorded, hyper
+    if method == "lora":  # the PEFT adapter itself, which vLLM loads
+        assert json.loads((out / "adapter_config.json").read_text())["r"] == value
+    # the factors' shapes: every tensor has the rank / width as one dimension
+    (weights,) = [p for p in out.rglob("*.safetensors")]
+    with safe_open(str(weights), "pt") as f:
+        shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+    assert shapes and all(value in shape for shape in shapes if len(shape) == 2), shapes
+
+
 def test_tune_writes_a_bundle_and_eval_reads_it(tuned, tiny_base, world):
     out, report = tuned
     assert report["out"] == str(out) and {"target", "general", "h"} <= set(report["metrics"])
