@@ -1,0 +1,199 @@
+"""Engine replicas on Ray Serve (``deltaserve serve --replicas 2``): real Ray, two real vLLM engines, 127.0.0.1.
+
+One delta registered once through the ingress; its traffic and the base's checked token for token against
+transformers (the reference the single server is held to in ``test_serving.py`` / ``test_hot_swap.py``); the
+delta loaded on demand by one replica and every later request for it served there (multiplexing); an
+unregistration that lets a running request finish and then shows on both replicas; a replica killed, and the
+requests that follow still served, the delta loaded again on demand by the survivor.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from helpers import PROMPTS, hf_greedy, image_prompt, make_lora_bundle, peft_model, png_bytes
+from server_process import ADMIN_TOKEN, ServerProcess
+
+MAX_TOKENS = 8
+ROUNDS = 3
+TASK = "fleet-a"
+KV_CACHE_BYTES = 64 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_base, tmp_path_factory):
+    return make_lora_bundle(tiny_base, tmp_path_factory.mktemp("fleet") / "bundle", name=TASK, seed=11)
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_base, hf_processor, sample_images, bundle):
+    """transformers' greedy tokens per expert (``base``, the delta) and prompt; checked to differ."""
+    from transformers import LlavaForConditionalGeneration
+
+    import torch
+
+    base = LlavaForConditionalGeneration.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    models = {"base": base, TASK: peft_model(tiny_base, bundle)}
+    out = {
+        name: [hf_greedy(m, hf_processor, image_prompt(q), sample_images[i], MAX_TOKENS) for i, q in enumerate(PROMPTS)]
+        for name, m in models.items()
+    }
+    assert len({tuple(o) for outs in out.values() for o in outs}) == 2 * len(PROMPTS), out
+    return out
+
+
+def _call(url: str, method: str = "GET", body: dict | None = None, token: str | None = None, timeout: float = 120):
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data, headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _complete(srv, model: str, i: int, images: list) -> tuple[int, dict]:
+    body = {
+        "model": model,
+        "prompt": image_prompt(PROMPTS[i]),
+        "image": base64.b64encode(images[i]).decode(),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
+    return _call(f"{srv.http}/v1/completions", "POST", body)
+
+
+def _replicas(srv) -> list[dict]:
+    status, body = _call(f"{srv.http}/v1/engine")
+    assert status == 200, body
+    return body["replicas"]
+
+
+def _wait_for(what: str, check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+
+
+def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path, bundle, refs, sample_images):
+    images = [png_bytes(img) for img in sample_images]
+    started = time.monotonic()
+    srv = ServerProcess(
+        tiny_base, tmp_path / "store", "--replicas", "2", "--enforce-eager",
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-seqs", "16",
+    )  # fmt: skip
+    print(f"\n2 replicas ready in {time.monotonic() - started:.0f} s")
+    try:
+        replicas = _wait_for("two replica statuses", lambda: len(_replicas(srv)) == 2 and _replicas(srv))
+        assert all(r["held"] == [] for r in replicas)
+
+        # Registered once, through the ingress: nothing loaded yet.
+        status, body = _call(f"{srv.http}/v1/deltas", "POST", {"path": str(bundle)}, token=ADMIN_TOKEN)
+        assert status == 201, body
+        assert body["binding"] == "on_demand"
+        assert all(r["held"] == [] and r["loads"] == 0 for r in _replicas(srv))
+
+        # The first request for the delta loads it on one replica, on demand.
+        status, first = _complete(srv, TASK, 0, images)
+        assert status == 200, first
+        assert first["choices"][0]["token_ids"] == refs[TASK][0]
+        assert first["routing"]["replica"]["held"] is False
+        holder = first["routing"]["replica"]["replica"]
+        time.sleep(1.0)  # the replica reports its ids to Ray Serve's controller, which tells the ingress's router
+
+        # Mixed traffic, concurrent: every answer token-equal to the reference; every delta request on the holder.
+        jobs = [(model, i) for _ in range(ROUNDS) for i in range(len(PROMPTS)) for model in (TASK, "base")]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(
+                    lambda job: _complete(srv, tiny_base.name if job[0] == "base" else job[0], job[1], images), jobs
+                )
+            )
+        delta_served = []
+        base_replicas = set()
+        for (model, i), (status, body) in zip(jobs, answers):
+            assert status == 200, body
+            assert body["choices"][0]["token_ids"] == refs[model][i], (model, i)
+            replica = body["routing"]["replica"]
+            if model == TASK:
+                delta_served.append(replica)
+            else:
+                assert replica["held"] is None
+                base_replicas.add(replica["replica"])
+        hits = sum(r["held"] for r in delta_served)
+        print(
+            f"affinity: {hits}/{len(delta_served)} delta requests found the delta already bound "
+            f"(hit rate {hits / len(delta_served):.2f}); base requests on {len(base_replicas)} replica(s)"
+        )
+        assert {r["replica"] for r in delta_served} == {holder}
+        assert hits == len(delta_served)
+        statuses = _replicas(srv)
+        assert sum(r["loads"] for r in statuses) == 1, statuses
+        assert [r["replica"] for r in statuses if r["held"]] == [holder]
+
+        # Unregistration: a running request finishes; then no replica holds the delta and requests get 404.
+        long_answer: dict = {}
+
+        def long_request():
+            long_answer["result"] = _call(
+                f"{srv.http}/v1/completions",
+                "POST",
+                {"model": TASK, "prompt": "Count:", "max_tokens": 400, "ignore_eos": True, "temperature": 0},
+            )
+
+        runner = threading.Thread(target=long_request)
+        runner.start()
+        time.sleep(0.3)
+        status, body = _call(f"{srv.http}/v1/deltas/{TASK}", "DELETE", token=ADMIN_TOKEN)
+        assert status == 200, body
+        assert _complete(srv, TASK, 1, images)[0] == 404
+        runner.join(120)
+        status, body = long_answer["result"]
+        assert status == 200 and body["usage"]["completion_tokens"] == 400, body
+        released = _wait_for(
+            "both replicas to release the delta",
+            lambda: (s := _replicas(srv)) and all(r["held"] == [] and r["lora_adapter_ids"] == [] for r in s) and s,
+        )
+        assert len(released) == 2
+
+        # Registered again (the store survives everything), then its holder is killed: requests are still served.
+        status, body = _call(f"{srv.http}/v1/deltas", "POST", {"path": str(bundle)}, token=ADMIN_TOKEN)
+        assert status == 201, body
+        status, body = _complete(srv, TASK, 2, images)
+        assert status == 200 and body["choices"][0]["token_ids"] == refs[TASK][2], body
+        victim = body["routing"]["replica"]
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        served_by = set()
+        for i in range(len(PROMPTS)):
+            for model in (TASK, "base"):
+                status, body = _complete(srv, tiny_base.name if model == "base" else model, i, images)
+                assert status == 200, (model, i, body)
+                assert body["choices"][0]["token_ids"] == refs[model][i], (model, i)
+                served_by.add(body["routing"]["replica"]["pid"])
+        print(f"after killing replica pid {victim['pid']}: 8 requests served by pid(s) {sorted(served_by)} "
+              f"in {time.monotonic() - killed_at:.1f} s")  # fmt: skip
+        assert victim["pid"] not in served_by
+        status, body = _call(f"{srv.http}/v1/deltas/{TASK}")
+        assert status == 200 and body["name"] == TASK
+    finally:
+        srv.stop()
+    print(f"test wall time {time.monotonic() - started:.0f} s")
