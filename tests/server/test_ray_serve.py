@@ -27,28 +27,32 @@ from server_process import ADMIN_TOKEN, ServerProcess
 MAX_TOKENS = 8
 ROUNDS = 3
 TASK = "fleet-a"
+OTHER = "fleet-b"
 KV_CACHE_BYTES = 64 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_base, tmp_path_factory):
-    return make_lora_bundle(tiny_base, tmp_path_factory.mktemp("fleet") / "bundle", name=TASK, seed=11)
+def bundles(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet")
+    return {
+        name: make_lora_bundle(tiny_base, root / name, name=name, seed=11 + i) for i, name in enumerate((TASK, OTHER))
+    }
 
 
 @pytest.fixture(scope="module")
-def refs(tiny_base, hf_processor, sample_images, bundle):
-    """transformers' greedy tokens per expert (``base``, the delta) and prompt; checked to differ."""
+def refs(tiny_base, hf_processor, sample_images, bundles):
+    """transformers' greedy tokens per expert (``base``, the deltas) and prompt; checked to differ."""
     from transformers import LlavaForConditionalGeneration
 
     import torch
 
     base = LlavaForConditionalGeneration.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
-    models = {"base": base, TASK: peft_model(tiny_base, bundle)}
+    models = {"base": base, **{name: peft_model(tiny_base, path) for name, path in bundles.items()}}
     out = {
         name: [hf_greedy(m, hf_processor, image_prompt(q), sample_images[i], MAX_TOKENS) for i, q in enumerate(PROMPTS)]
         for name, m in models.items()
     }
-    assert len({tuple(o) for outs in out.values() for o in outs}) == 2 * len(PROMPTS), out
+    assert len({tuple(o) for outs in out.values() for o in outs}) == len(models) * len(PROMPTS), out
     return out
 
 
@@ -93,12 +97,13 @@ def _wait_for(what: str, check, timeout: float = 30.0):
         time.sleep(0.25)
 
 
-def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path, bundle, refs, sample_images):
+def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path, bundles, refs, sample_images):
     images = [png_bytes(img) for img in sample_images]
+    bundle = bundles[TASK]
     started = time.monotonic()
     srv = ServerProcess(
         tiny_base, tmp_path / "store", "--replicas", "2", "--enforce-eager",
-        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-seqs", "16",
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-seqs", "16", "--max-deltas-per-replica", "1",
     )  # fmt: skip
     print(f"\n2 replicas ready in {time.monotonic() - started:.0f} s")
     try:
@@ -110,6 +115,8 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
         assert status == 201, body
         assert body["binding"] == "on_demand"
         assert all(r["held"] == [] and r["loads"] == 0 for r in _replicas(srv))
+        status, body = _call(f"{srv.http}/v1/deltas", "POST", {"path": str(tmp_path / "nothing")}, token=ADMIN_TOKEN)
+        assert status == 400, body
 
         # The first request for the delta loads it on one replica, on demand.
         status, first = _complete(srv, TASK, 0, images)
@@ -148,6 +155,25 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
         statuses = _replicas(srv)
         assert sum(r["loads"] for r in statuses) == 1, statuses
         assert [r["replica"] for r in statuses if r["held"]] == [holder]
+
+        # Chat, streamed, and automatic routing (at the ingress) reach the replicas too.
+        req = urllib.request.Request(
+            f"{srv.http}/v1/chat/completions",
+            json.dumps(
+                {"model": TASK, "messages": [{"role": "user", "content": "Hello"}], "stream": True, "max_tokens": 8}
+            ).encode(),
+            {"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert resp.headers["x-deltaserve-replica"] == holder
+            events = [line for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and json.loads(events[0][6:])["routing"]["replica"]["held"] is True
+        status, body = _call(
+            f"{srv.http}/v1/chat/completions",
+            "POST",
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        )
+        assert status == 200 and body["routing"]["router"] == "auto", body
 
         # Unregistration: a running request finishes; then no replica holds the delta and requests get 404.
         long_answer: dict = {}
@@ -192,6 +218,25 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
         print(f"after killing replica pid {victim['pid']}: 8 requests served by pid(s) {sorted(served_by)} "
               f"in {time.monotonic() - killed_at:.1f} s")  # fmt: skip
         assert victim["pid"] not in served_by
+
+        # The survivor keeps one delta (--max-deltas-per-replica 1): a second one evicts the first (least recently
+        # used), which is detached from its engine, and loaded again on demand when asked for.
+        survivor = served_by.pop()
+        status, body = _call(f"{srv.http}/v1/deltas", "POST", {"path": str(bundles[OTHER])}, token=ADMIN_TOKEN)
+        assert status == 201, body
+        for model in (OTHER, TASK):
+            status, body = _complete(srv, model, 3, images)
+            assert status == 200 and body["choices"][0]["token_ids"] == refs[model][3], (model, body)
+            assert body["routing"]["replica"] == {
+                "replica": body["routing"]["replica"]["replica"],
+                "pid": survivor,
+                "held": False,
+            }
+            mine = _wait_for(
+                "the survivor to hold one delta",
+                lambda: [r for r in _replicas(srv) if r["pid"] == survivor and len(r["lora_adapter_ids"]) == 1],
+            )
+            assert [h.rsplit("-", 1)[0] for h in mine[0]["held"]] == [model]
         status, body = _call(f"{srv.http}/v1/deltas/{TASK}")
         assert status == 200 and body["name"] == TASK
     finally:
