@@ -1,9 +1,10 @@
 """Engine replicas on Ray Serve: throughput of 1 vs N replicas and the delta-affinity hit rate.
 
-    .venv/bin/python bench/replicas.py [--replicas 1,2] [--deltas 4] [--requests 96] [--concurrency 16]
+    .venv/bin/python bench/replicas.py [--replicas 0,1,2] [--deltas 4] [--requests 96] [--concurrency 16]
                                        [--max-tokens 32] [--rounds 1] [--out docs/replicas-bench.md]
 
-For each replica count: ``deltaserve serve --replicas N`` as a child process (Ray Serve: one ingress, N vLLM
+For each replica count: ``deltaserve serve --replicas N`` (``0``: the single-process server, no Ray — the
+reference for what the Ray Serve hop costs) as a child process (Ray Serve: one ingress, N vLLM
 engines, each with LoRA on, ``max_num_seqs`` 64, KV cache 128 MiB, ``VLLM_CPU_OMP_THREADS_BIND=nobind``), ``--deltas``
 LoRA deltas registered once through the ingress, a warm-up (every delta and the base, twice), then a closed loop
 of ``--requests`` requests with ``--concurrency`` in flight over HTTP (``/v1/completions``, a 32×32 PNG and a
@@ -71,13 +72,14 @@ async def _drive(http: str, jobs: list[tuple[str, int, int]], concurrency: int, 
                 resp = await client.post("/v1/completions", json=body)
                 resp.raise_for_status()
                 out = resp.json()
+                replica = out["routing"].get("replica") or {"replica": "single", "held": None}
                 records.append(
                     {
                         "model": model,
                         "latency_s": time.perf_counter() - started,
                         "tokens": out["usage"]["completion_tokens"],
-                        "replica": out["routing"]["replica"]["replica"],
-                        "held": out["routing"]["replica"]["held"],
+                        "replica": replica["replica"],
+                        "held": replica["held"],
                     }
                 )
 
@@ -88,6 +90,9 @@ async def _drive(http: str, jobs: list[tuple[str, int, int]], concurrency: int, 
 def measure(base: Path, base_name: str, bundles: list[Path], replicas: int, args, salt: int) -> dict:
     from deltaserve.client.process import ServerProcess
 
+    import os
+
+    load_before = round(os.getloadavg()[0], 2)  # other work on the machine (the 1-minute load average)
     store = Path(tempfile.mkdtemp(prefix=f"replicas-{replicas}-")) / "store"
     started = time.perf_counter()
     srv = ServerProcess(
@@ -106,7 +111,7 @@ def measure(base: Path, base_name: str, bundles: list[Path], replicas: int, args
         records = asyncio.run(_drive(srv.http, jobs, args.concurrency, args.max_tokens))
         elapsed = time.perf_counter() - t0
         with urllib.request.urlopen(f"{srv.http}/v1/engine", timeout=30) as resp:
-            statuses = json.loads(resp.read())["replicas"]
+            statuses = json.loads(resp.read()).get("replicas", [])  # none: the single-process server
     finally:
         srv.stop()
     delta_records = [r for r in warm_records + records if r["model"] != base_name]
@@ -116,6 +121,7 @@ def measure(base: Path, base_name: str, bundles: list[Path], replicas: int, args
         per_replica[r["replica"]] = per_replica.get(r["replica"], 0) + 1
     return {
         "replicas": replicas,
+        "loadavg_1min_before": load_before,
         "ready_s": round(ready_s, 1),
         "requests": len(records),
         "elapsed_s": round(elapsed, 2),
@@ -125,16 +131,22 @@ def measure(base: Path, base_name: str, bundles: list[Path], replicas: int, args
         "latency_p95_s": round(percentile(latencies, 95), 3),
         "requests_per_replica": sorted(per_replica.values(), reverse=True),
         "delta_requests": len(delta_records),
-        "affinity_hits": sum(bool(r["held"]) for r in delta_records),
-        "affinity_hit_rate": round(sum(bool(r["held"]) for r in delta_records) / len(delta_records), 3),
-        "delta_loads": sum(s["loads"] for s in statuses),
-        "deltas_held_per_replica": sorted((len(s["held"]) for s in statuses), reverse=True),
+        "affinity_hits": sum(bool(r["held"]) for r in delta_records) if replicas else None,
+        "affinity_hit_rate": round(sum(bool(r["held"]) for r in delta_records) / len(delta_records), 3)
+        if replicas
+        else None,
+        "delta_loads": sum(s["loads"] for s in statuses) if replicas else None,
+        "deltas_held_per_replica": sorted((len(s["held"]) for s in statuses), reverse=True) if replicas else None,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--replicas", default="1,2", help="Replica counts to compare, comma-separated.")
+    parser.add_argument(
+        "--replicas",
+        default="0,1,2",
+        help="Replica counts to compare, comma-separated (0: the single-process server, no Ray).",
+    )
     parser.add_argument("--deltas", type=int, default=4)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -161,11 +173,11 @@ def main() -> None:
         mine = [x for x in runs if x["replicas"] == n]
         summary[n] = {
             k: statistics.median(x[k] for x in mine)
-            for k in ("requests_per_s", "tokens_per_s", "latency_p50_s", "latency_p95_s", "affinity_hit_rate")
+            for k in ("requests_per_s", "tokens_per_s", "latency_p50_s", "latency_p95_s")
         }
     command = "python bench/replicas.py " + " ".join(sys.argv[1:])
-    data = {"command": command.strip(), "base": base_desc, "machine": machine_facts(), "args": vars(args), "runs": runs}
-    data["args"]["out"] = str(args.out)
+    data = {"command": command.strip(), "base": base_desc, "machine": machine_facts(), "runs": runs}
+    data["args"] = {**vars(args), "out": str(args.out)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     args.out.write_text(_markdown(data, summary, counts))
@@ -184,17 +196,34 @@ def _markdown(data: dict, summary: dict, counts: list[int]) -> str:
         f"half to the base, half cycling over {a['deltas']} LoRA deltas; 32×32 image + question, greedy, "
         f"≤ {a['max_tokens']} tokens; {a['rounds']} round(s).",
         "",
-        "| replicas | ready (s) | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | requests per replica "
+        "| replicas | load avg before | ready (s) | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | requests per replica "
         "| delta loads | deltas held per replica | affinity hit rate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in data["runs"]:
         lines.append(
-            f"| {run['replicas']} | {run['ready_s']} | {run['requests_per_s']} | {run['tokens_per_s']} "
+            f"| {run['replicas']} | {run['loadavg_1min_before']} | {run['ready_s']} | {run['requests_per_s']} | {run['tokens_per_s']} "
             f"| {run['latency_p50_s']} | {run['latency_p95_s']} | {run['requests_per_replica']} | {run['delta_loads']} "
-            f"| {run['deltas_held_per_replica']} | {run['affinity_hits']}/{run['delta_requests']} "
-            f"({run['affinity_hit_rate']:.2f}) |"
+            f"| {run['deltas_held_per_replica']} | "
+            + (
+                f"{run['affinity_hits']}/{run['delta_requests']} ({run['affinity_hit_rate']:.2f}) |"
+                if run["replicas"]
+                else "— (one engine holds every delta) |"
+            )
         )
+    if data["args"]["rounds"] > 1:
+        lines += [
+            "",
+            "Median over rounds:",
+            "",
+            "| replicas | requests/s | tokens/s | p50 latency (s) | p95 latency (s) |",
+        ]
+        lines.append("|---|---|---|---|---|")
+        for n in counts:
+            m = summary[n]
+            lines.append(
+                f"| {n} | {m['requests_per_s']} | {m['tokens_per_s']} | {m['latency_p50_s']} | {m['latency_p95_s']} |"
+            )
     lines.append("")
     return "\n".join(lines)
 

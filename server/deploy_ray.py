@@ -98,9 +98,17 @@ class FleetService(DeltaService):
         """Forward to a replica: one that holds ``delta``'s version if any (multiplexing), else any."""
         key = version_key(delta.name, delta.digest) if delta else ""
         handle = self.replicas.options(stream=True, multiplexed_model_id=key)
-        response = handle.generate.remote(prep, stream)
+        for attempt in range(2):  # a replica lost before it answered: once more, on another (nothing was sent yet)
+            response = handle.generate.remote(prep, stream)
+            try:
+                info = await _unwrap(anext(response))  # the replica's typed refusals raise here, before any output
+                break
+            except UnavailableError:
+                response.cancel()
+                if attempt:
+                    raise
+                log.warning("request %s: its replica was lost before answering; trying another", prep.request_id)
         try:
-            info = await _unwrap(anext(response))  # the replica's typed refusals raise here, before any output
             routed.replica = info
             if delta is not None:
                 metrics.AFFINITY.labels("hit" if info["held"] else "load").inc()
@@ -124,11 +132,14 @@ class FleetService(DeltaService):
 
 
 async def _unwrap(awaitable):
-    """A replica's typed error (404, 400 …) as itself, not wrapped in Ray's task error."""
-    from ray.exceptions import RayTaskError
+    """A replica's typed error (404, 400 …) as itself, not wrapped in Ray's task error; a lost replica as
+    :class:`UnavailableError` (503)."""
+    from ray.exceptions import RayActorError, RayTaskError
 
     try:
         return await awaitable
+    except RayActorError as exc:
+        raise UnavailableError(f"the engine replica serving this request was lost ({type(exc).__name__})") from None
     except RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, DeltaServeError):
@@ -175,7 +186,7 @@ class EngineReplicaBase:
     """One engine replica. Subclassed by :func:`replica_class` with the multiplexed loader (its LRU size is fixed
     where the class is defined)."""
 
-    async def __init__(self, config: ServeConfig):
+    async def __init__(self, config: ServeConfig, cores_shared_by: int | None):
         from ray import serve
 
         from deltaserve.server.engine import Engine
@@ -183,6 +194,11 @@ class EngineReplicaBase:
         context = serve.get_replica_context()
         self.tag = context.replica_id.unique_id if context else str(os.getpid())
         self.store = Path(config.store)
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the user's binding, if set, wins
+            rank = getattr(getattr(context, "rank", None), "local_rank", None)
+            binding = cpu_binding(rank, cores_shared_by, config.engine.tensor_parallel_size)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+            log.info("replica %s (local rank %s): VLLM_CPU_OMP_THREADS_BIND=%s", self.tag, rank, binding)
         self.engine = await Engine.start(config.engine)
         worker = (
             WorkerDeltas(self.engine, config.engine.concurrent_delta_budget_bytes)
@@ -280,6 +296,7 @@ class EngineReplicaBase:
             "pid": os.getpid(),
             "held": sorted(k for k, r in self.resident.items() if r.delta is not None),
             "lora_adapter_ids": self._loras,
+            "cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
             "loads": self.loads,
             "hits": self.hits,
             "requests": self.requests,
@@ -299,6 +316,21 @@ class EngineReplicaBase:
             (self.store / STATUS_DIR / f"{self.tag}.json").unlink(missing_ok=True)
         with contextlib.suppress(Exception):
             self.engine.shutdown()
+
+
+def cpu_binding(rank: int | None, replicas: int | None, tensor_parallel_size: int = 1) -> str:
+    """vLLM-cpu's ``VLLM_CPU_OMP_THREADS_BIND`` for replica ``rank`` of ``replicas`` sharing this machine's cores:
+    its own slice of the cores (split further per tensor-parallel worker, ``|``-separated), so that engines never
+    pin the same cores. ``nobind`` when that cannot be worked out (rank or replica count unknown, fewer cores than
+    workers): on a loaded machine unpinned OpenMP threads cost much (``docs/replicas-bench.md``)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if rank is None or not replicas or len(cores) < replicas * tensor_parallel_size:
+        return "nobind"
+    per = len(cores) // replicas
+    mine = cores[(rank % replicas) * per : (rank % replicas + 1) * per]
+    each = len(mine) // tensor_parallel_size
+    groups = [mine[i * each : (i + 1) * each] for i in range(tensor_parallel_size)]
+    return "|".join(",".join(map(str, g)) for g in groups)
 
 
 def replica_class(max_deltas: int) -> type:
@@ -353,13 +385,15 @@ def build_app(
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=config.grace_period_s,
     )
-    return ingress.bind(config, replica.bind(config))
+    # A local Ray instance: every replica on this machine, each pinned to its own slice of the cores.
+    cores_shared_by = None if os.environ.get("RAY_ADDRESS") else replicas
+    return ingress.bind(config, replica.bind(config, cores_shared_by))
 
 
 def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) -> None:
-    """``deltaserve serve --replicas N``: a local Ray instance (this machine's cores), the application, a ready line
-    on stdout and ``<store>/server.json``; SIGTERM/SIGINT shut Ray Serve down (replicas drain for up to the grace
-    period) and Ray with it."""
+    """``deltaserve serve --replicas N``: a Ray instance of this machine's cores (or the cluster ``RAY_ADDRESS``
+    names), the application, a ready line on stdout and ``<store>/server.json``; SIGTERM/SIGINT shut the
+    application down (replicas drain for up to the grace period) and this process's Ray with it."""
     import threading
 
     import ray
@@ -369,15 +403,17 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
     from deltaserve.server.app import SERVER_FILE
 
     config.store.mkdir(parents=True, exist_ok=True)
-    # Two engines on one machine must not pin the same cores (vLLM-cpu binds its OpenMP threads by default).
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     started = time.perf_counter()
-    ray.init(
-        num_cpus=len(os.sched_getaffinity(0)),
-        include_dashboard=False,
-        object_store_memory=256 << 20,
-        configure_logging=False,
-    )
+    cluster = os.environ.get("RAY_ADDRESS")
+    if cluster:  # an existing Ray cluster: replicas go wherever it has room (the store must be shared storage)
+        ray.init(address=cluster, configure_logging=False)
+    else:  # a Ray instance of this machine, for this server alone
+        ray.init(
+            num_cpus=len(os.sched_getaffinity(0)),
+            include_dashboard=False,
+            object_store_memory=256 << 20,
+            configure_logging=False,
+        )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -409,7 +445,10 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
     finally:
         log.info("shutting down Ray Serve (replicas drain for up to %.0fs)", config.grace_period_s)
         with contextlib.suppress(Exception):
-            serve.shutdown()
+            if cluster:
+                serve.delete(APP_NAME)  # the cluster's other applications stay
+            else:
+                serve.shutdown()
         ray.shutdown()
         (config.store / SERVER_FILE).unlink(missing_ok=True)
         print("deltaserve: stopped", flush=True)

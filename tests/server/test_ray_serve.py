@@ -109,6 +109,9 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
     try:
         replicas = _wait_for("two replica statuses", lambda: len(_replicas(srv)) == 2 and _replicas(srv))
         assert all(r["held"] == [] for r in replicas)
+        if len(os.sched_getaffinity(0)) >= 2:  # each engine pinned to cores of its own
+            bindings = [set(r["cpu_binding"].split(",")) for r in replicas]
+            assert "nobind" not in bindings[0] | bindings[1] and not bindings[0] & bindings[1], bindings
 
         # Registered once, through the ingress: nothing loaded yet.
         status, body = _call(f"{srv.http}/v1/deltas", "POST", {"path": str(bundle)}, token=ADMIN_TOKEN)
@@ -242,3 +245,13 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
     finally:
         srv.stop()
     print(f"test wall time {time.monotonic() - started:.0f} s")
+
+
+def test_replicas_on_one_machine_pin_disjoint_cores(monkeypatch):
+    from deltaserve.server import deploy_ray
+
+    monkeypatch.setattr(deploy_ray.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert [deploy_ray.cpu_binding(r, 2) for r in range(2)] == ["0,1", "2,3"]
+    assert [deploy_ray.cpu_binding(r, 2, tensor_parallel_size=2) for r in range(2)] == ["0|1", "2|3"]
+    assert deploy_ray.cpu_binding(0, 1) == "0,1,2,3"
+    assert deploy_ray.cpu_binding(None, 2) == deploy_ray.cpu_binding(0, 5) == "nobind"  # unknown rank, too few cores
