@@ -114,7 +114,8 @@ def measure(base: Path, base_name: str, bundles: list[Path], replicas: int, args
             statuses = json.loads(resp.read()).get("replicas", [])  # none: the single-process server
     finally:
         srv.stop()
-    delta_records = [r for r in warm_records + records if r["model"] != base_name]
+    warm_deltas = [r for r in warm_records if r["model"] != base_name]
+    delta_records = [r for r in records if r["model"] != base_name]
     latencies = [r["latency_s"] for r in records]
     per_replica: dict[str, int] = {}
     for r in records:
@@ -130,6 +131,8 @@ def measure(base: Path, base_name: str, bundles: list[Path], replicas: int, args
         "latency_p50_s": round(percentile(latencies, 50), 3),
         "latency_p95_s": round(percentile(latencies, 95), 3),
         "requests_per_replica": sorted(per_replica.values(), reverse=True),
+        "warmup_delta_requests": len(warm_deltas),
+        "warmup_affinity_hits": sum(bool(r["held"]) for r in warm_deltas) if replicas else None,
         "delta_requests": len(delta_records),
         "affinity_hits": sum(bool(r["held"]) for r in delta_records) if replicas else None,
         "affinity_hit_rate": round(sum(bool(r["held"]) for r in delta_records) / len(delta_records), 3)
@@ -197,20 +200,28 @@ def _markdown(data: dict, summary: dict, counts: list[int]) -> str:
         f"≤ {a['max_tokens']} tokens; {a['rounds']} round(s).",
         "",
         "| replicas | load avg before | ready (s) | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | requests per replica "
-        "| delta loads | deltas held per replica | affinity hit rate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| delta loads | deltas held per replica | affinity hits, warm-up | affinity hit rate, measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in data["runs"]:
         lines.append(
-            f"| {run['replicas']} | {run['loadavg_1min_before']} | {run['ready_s']} | {run['requests_per_s']} | {run['tokens_per_s']} "
-            f"| {run['latency_p50_s']} | {run['latency_p95_s']} | {run['requests_per_replica']} | {run['delta_loads']} "
-            f"| {run['deltas_held_per_replica']} | "
+            f"| {run['replicas']} | {run['loadavg_1min_before']} | {run['ready_s']} | {run['requests_per_s']} "
+            f"| {run['tokens_per_s']} | {run['latency_p50_s']} | {run['latency_p95_s']} | {run['requests_per_replica']} | "
             + (
-                f"{run['affinity_hits']}/{run['delta_requests']} ({run['affinity_hit_rate']:.2f}) |"
+                f"{run['delta_loads']} | {run['deltas_held_per_replica']} "
+                f"| {run['warmup_affinity_hits']}/{run['warmup_delta_requests']} "
+                f"| {run['affinity_hits']}/{run['delta_requests']} ({run['affinity_hit_rate']:.2f}) |"
                 if run["replicas"]
-                else "— (one engine holds every delta) |"
+                else "— | — | — | — (one engine holds every delta) |"
             )
         )
+    lines += [
+        "",
+        "Replicas `0`: the single-process server (no Ray). Affinity hit: a delta request that met a replica already "
+        "holding its delta (`routing.replica.held`). The warm-up sends each delta's first two requests at once, "
+        "so both find it not yet loaded (and, with 2 replicas, the second may go to the other replica before Ray "
+        "Serve's router has heard which replica holds it); the measured phase comes after.",
+    ]
     if data["args"]["rounds"] > 1:
         lines += [
             "",
@@ -222,7 +233,8 @@ def _markdown(data: dict, summary: dict, counts: list[int]) -> str:
         for n in counts:
             m = summary[n]
             lines.append(
-                f"| {n} | {m['requests_per_s']} | {m['tokens_per_s']} | {m['latency_p50_s']} | {m['latency_p95_s']} |"
+                f"| {n} | {m['requests_per_s']:.2f} | {m['tokens_per_s']:.0f} | {m['latency_p50_s']:.2f} "
+                f"| {m['latency_p95_s']:.2f} |"
             )
     lines.append("")
     return "\n".join(lines)
