@@ -195,18 +195,21 @@ def _markdown(data: dict, summary: dict, counts: list[int]) -> str:
         f"Command: `.venv/bin/{data['command']}` (raw figures: `{Path(a['out']).with_suffix('.json').name}`).",
         "",
         f"Base: {data['base']}. Machine: {data['machine']['cpu_model']}, {data['machine']['nproc']} cores, "
-        f"load average {data['machine']['loadavg_at_start']} at the start. Workload: {a['requests']} requests, {a['concurrency']} in flight, "
+        f"load average {data['machine']['loadavg_at_start']} at the start. "
+        f"Workload: {a['requests']} requests, {a['concurrency']} in flight, "
         f"half to the base, half cycling over {a['deltas']} LoRA deltas; 32×32 image + question, greedy, "
         f"≤ {a['max_tokens']} tokens; {a['rounds']} round(s).",
         "",
-        "| replicas | load avg before | ready (s) | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | requests per replica "
-        "| delta loads | deltas held per replica | affinity hits, warm-up | affinity hit rate, measured |",
+        "| replicas | load avg before | ready (s) | requests/s | tokens/s | p50 latency (s) | p95 latency (s) "
+        "| requests per replica | delta loads | deltas held per replica | affinity hits, warm-up "
+        "| affinity hit rate, measured |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in data["runs"]:
         lines.append(
             f"| {run['replicas']} | {run['loadavg_1min_before']} | {run['ready_s']} | {run['requests_per_s']} "
-            f"| {run['tokens_per_s']} | {run['latency_p50_s']} | {run['latency_p95_s']} | {run['requests_per_replica']} | "
+            f"| {run['tokens_per_s']} | {run['latency_p50_s']} | {run['latency_p95_s']} "
+            f"| {run['requests_per_replica']} | "
             + (
                 f"{run['delta_loads']} | {run['deltas_held_per_replica']} "
                 f"| {run['warmup_affinity_hits']}/{run['warmup_delta_requests']} "

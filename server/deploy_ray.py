@@ -22,7 +22,10 @@ each replica notices within :data:`SYNC_S` that a version it holds is no longer 
 requests there end; the ingress removes the version's directory once no forwarded request uses it. Replicas hold
 no registry state, so registrations survive the loss of any replica (and the ingress restores from the index).
 
-Ray Serve itself restarts dead replicas and checks their health. Each replica writes what it holds to
+Ray Serve itself restarts dead replicas and checks their health; a request whose replica died before answering is
+sent once more, else answered 503 (untested: the test kills a replica between requests). On a Ray instance of one
+machine each replica pins its engine to its own slice of the cores (:func:`cpu_binding`, from Ray Serve's local
+replica rank), unless ``VLLM_CPU_OMP_THREADS_BIND`` is set. Each replica writes what it holds to
 ``<store>/replicas/<replica>.json`` (rewritten on every change and every :data:`SYNC_S`): ``GET /v1/engine`` on the
 ingress lists the fresh ones.
 
