@@ -3,8 +3,9 @@
 One delta registered once through the ingress; its traffic and the base's checked token for token against
 transformers (the reference the single server is held to in ``test_serving.py`` / ``test_hot_swap.py``); the
 delta loaded on demand by one replica and every later request for it served there (multiplexing); an
-unregistration that lets a running request finish and then shows on both replicas; a replica killed, and the
-requests that follow still served, the delta loaded again on demand by the survivor.
+unregistration that lets a running request finish and then shows on both replicas; a replica killed (its running
+request answered 503), the requests that follow still served, the delta loaded again on demand by the survivor,
+and evicted (least recently used) by another delta there.
 """
 
 from __future__ import annotations
@@ -209,8 +210,24 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
         status, body = _complete(srv, TASK, 2, images)
         assert status == 200 and body["choices"][0]["token_ids"] == refs[TASK][2], body
         victim = body["routing"]["replica"]
+        cut_short: dict = {}
+        runner = threading.Thread(  # a request running on the victim when it dies: a clear 503, never a 500
+            target=lambda: cut_short.update(
+                result=_call(
+                    f"{srv.http}/v1/completions",
+                    "POST",
+                    {"model": TASK, "prompt": "Count:", "max_tokens": 480, "ignore_eos": True, "temperature": 0},
+                )
+            )
+        )
+        runner.start()
+        time.sleep(0.5)  # under way on the victim (it holds the delta); 480 tokens take seconds here
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
+        runner.join(120)
+        status, body = cut_short["result"]
+        print(f"request running on the killed replica: {status} {body.get('error', {}).get('message')}")
+        assert status == 503, body
         served_by = set()
         for i in range(len(PROMPTS)):
             for model in (TASK, "base"):
