@@ -77,6 +77,19 @@ def _fail(exc: DeltaClientError) -> None:
     show_default=True,
     help="Shard the model over N workers (vLLM tensor parallelism; on CPU one core group per worker).",
 )
+@click.option(
+    "--replicas",
+    default=0,
+    show_default=True,
+    help="N >= 1: N engine replicas on Ray Serve behind one HTTP ingress, delta-affine (needs the `ray` extra); "
+    "0: one engine in this process.",
+)
+@click.option(
+    "--max-deltas-per-replica",
+    default=8,
+    show_default=True,
+    help="With --replicas: deltas an engine replica keeps bound (least recently used evicted).",
+)
 @click.option("--no-lora", is_flag=True, help="Serve without multi-LoRA (then vLLM compiles the decoder on CPU).")
 @click.option(
     "--no-exclusive",
@@ -153,6 +166,8 @@ def serve(
     concurrent_delta_budget,
     max_bundle_size,
     tensor_parallel_size,
+    replicas,
+    max_deltas_per_replica,
     router,
     router_opt,
     max_state_wait,
@@ -163,7 +178,7 @@ def serve(
     seed,
     log_level,
 ) -> None:
-    """Start the server: vLLM engine + gRPC + OpenAI-compatible HTTP."""
+    """Start the server: vLLM engine + gRPC + OpenAI-compatible HTTP (--replicas N: N engines on Ray Serve)."""
     import asyncio
     import logging
 
@@ -211,6 +226,17 @@ def serve(
         router=router,
         extra=extra,
     )
+    if replicas < 0 or max_deltas_per_replica < 1:
+        raise click.UsageError("--replicas must be >= 0 and --max-deltas-per-replica >= 1")
+    if replicas:
+        try:
+            import ray.serve  # noqa: F401
+        except ImportError as exc:
+            raise click.ClickException(f"--replicas needs Ray Serve: pip install 'deltaserve[ray]' ({exc})") from None
+        from deltaserve.server import deploy_ray
+
+        deploy_ray.run(config, replicas, max_deltas_per_replica=max_deltas_per_replica)
+        return
     asyncio.run(run_server(config))
 
 

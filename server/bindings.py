@@ -194,11 +194,29 @@ class PlanBinding(Binding):
         await self._worker.unstage(self.version)
 
 
-def binding_for(kind: str, name: str, digest: str, path: Path, **context) -> Binding:
-    """``context``: what a binding may need besides the bundle (``worker=``, ``config=`` …)."""
+class DeferredBinding(Binding):
+    """A version that engine replicas bind on demand, each its own (the ingress of ``deltaserve serve --replicas``,
+    which has no engine): nothing to attach here."""
+
+    @property
+    def mode(self) -> str:
+        return "on_demand"
+
+    async def bind(self, engine) -> None:
+        pass
+
+    async def unbind(self, engine) -> None:
+        pass
+
+
+def binding_for(kind: str, name: str, digest: str, path: Path, *, deferred: bool = False, **context) -> Binding:
+    """``context``: what a binding may need besides the bundle (``worker=``, ``config=`` …); ``deferred``: a
+    :class:`DeferredBinding` (the kind is still checked to be servable)."""
     try:
         engine = get_kind(kind).engine
     except Exception as exc:
         raise EngineBindError(f"delta kind `{kind}` cannot be served: {exc}") from None
+    if deferred:
+        return DeferredBinding(name, digest, path)
     cls = LoraBinding if engine == "vllm_lora" else PlanBinding
     return cls(name, digest, path, kind=kind, **context)

@@ -211,7 +211,10 @@ def _chat_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
 
 def _routing_json(routed: Routed) -> dict:
     d = routed.decision
-    return {"expert": routed.expert, "router": d.router, "score": d.score, "reason": d.reason, "scores": d.scores}
+    out = {"expert": routed.expert, "router": d.router, "score": d.score, "reason": d.reason, "scores": d.scores}
+    if routed.replica is not None:  # engine replicas: which one served it, and whether it held the delta already
+        out["replica"] = routed.replica
+    return out
 
 
 def _usage(routed: Routed, completion: int) -> dict:
@@ -544,6 +547,8 @@ def create_app(service: DeltaService) -> FastAPI:
             "model": routed.expert,
         }
         headers = {"x-deltaserve-expert": routed.expert, "x-request-id": routed.request_id}
+        if routed.replica is not None:
+            headers["x-deltaserve-replica"] = routed.replica["replica"]
         if body.stream:
             return StreamingResponse(
                 _stream(routed, events, head, generation.n, chat=chat, include_usage=include_usage),

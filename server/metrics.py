@@ -57,3 +57,10 @@ STATE_WAIT = Histogram(
     ["state"],
     buckets=(0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
+
+# Engine replicas (deltaserve serve --replicas): see deltaserve.server.deploy_ray.
+AFFINITY = Counter(
+    "deltaserve_replica_affinity",
+    "Delta requests an engine replica served with the delta already bound (hit) or loaded for them (load).",
+    ["outcome"],
+)

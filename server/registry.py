@@ -18,6 +18,14 @@ Requests hold a *lease* on the version they use (:meth:`DeltaRegistry.lease`). A
 replaced or unregistered version leaves the live table at once (new requests get
 the new version or NOT_FOUND) and is detached from the engine when its last lease
 ends.
+
+Engine replicas (``deltaserve serve --replicas N``, :mod:`deltaserve.server.deploy_ray`) share one store. The
+ingress holds the store's only writer, a registry with ``bind=False``: it validates, stores and indexes bundles
+and leases versions for the requests it forwards, but binds nothing (it has no engine), and removes a retired
+version's directory once no forwarded request uses it. Each replica holds a registry with ``owns_store=False``:
+it binds a stored version on demand (:meth:`DeltaRegistry.load_version`, by its directory's name, the
+*version key*), finds the versions the index no longer names (:meth:`DeltaRegistry.unindexed`) and releases
+them (:meth:`DeltaRegistry.release`, detached once its own requests end); it never writes or deletes in the store.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -48,6 +57,13 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 INDEX_VERSION = 1
 DRAIN_TIMEOUT_S = 60.0
+VERSION_KEY = re.compile(r"([a-z0-9][a-z0-9._-]{0,63})-([0-9a-f]{16})")
+"""A stored version's directory name under ``deltas/``: ``<task name>-<first 16 hex digits of its content digest>``."""
+
+
+def version_key(name: str, digest: str) -> str:
+    """The directory name (under ``deltas/``) of version ``digest`` of task ``name``: unique per content."""
+    return f"{name}-{digest.removeprefix('sha256:')[:16]}"
 
 
 @dataclass
@@ -154,8 +170,15 @@ class DeltaRegistry:
         limits: Limits = Limits(),
         worker=None,
         before_publish=None,
+        bind: bool = True,
+        owns_store: bool = True,
     ):
         self.store = Path(store)
+        self.bind = bind
+        """False (the ingress of engine replicas): versions are validated, stored and indexed but bound nowhere
+        here; the replicas bind them on demand."""
+        self.owns_store = owns_store
+        """False (an engine replica): the store belongs to another process; this registry only reads it."""
         self.before_publish = before_publish
         """``async (deltas) -> commit``: called with the next set of live deltas while it is not yet
         visible; its slow work (e.g. retraining the router) happens there, and the returned
@@ -170,8 +193,10 @@ class DeltaRegistry:
         self._live: dict[str, LiveDelta] = {}
         self._lock = asyncio.Lock()
         self._cleanup_tasks: set[asyncio.Task] = set()
-        for sub in ("deltas", "staging"):
-            (self.store / sub).mkdir(parents=True, exist_ok=True)
+        self._index_cache: tuple[tuple, dict] | None = None
+        if owns_store:
+            for sub in ("deltas", "staging"):
+                (self.store / sub).mkdir(parents=True, exist_ok=True)
 
     # ---- reading --------------------------------------------------------------------
 
@@ -187,10 +212,13 @@ class DeltaRegistry:
     def names(self) -> list[str]:
         return sorted(self._live)
 
-    @contextlib.contextmanager
     def lease(self, name: str):
         """Hold the current version of ``name`` for the duration of one request."""
-        delta = self.get(name)
+        return self.hold(self.get(name))
+
+    @contextlib.contextmanager
+    def hold(self, delta: LiveDelta):
+        """Hold ``delta`` (a version this registry bound) for the duration of one request."""
         delta.leases += 1
         try:
             yield delta
@@ -209,9 +237,24 @@ class DeltaRegistry:
             index = json.loads(self._index_path().read_text())
         except FileNotFoundError:
             return {}
+        return self._check_index(index)
+
+    def _check_index(self, index: dict) -> dict:
         if index.get("format_version") != INDEX_VERSION:
             raise RuntimeError(f"{self._index_path()}: unsupported index format {index.get('format_version')!r}")
         return index.get("deltas", {})
+
+    def indexed(self) -> dict:
+        """The index's records (name → record), read again only when the file was replaced since the last call
+        (the writer replaces it atomically: a new inode)."""
+        try:
+            st = self._index_path().stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._index_cache is None or self._index_cache[0] != stamp:
+            self._index_cache = (stamp, self._read_index())
+        return self._index_cache[1]
 
     def _write_index(self, live: dict[str, LiveDelta]) -> None:
         index = {
@@ -231,6 +274,8 @@ class DeltaRegistry:
 
     async def restore(self) -> list[str]:
         """Bind every delta of the index; wipe staging and unreferenced directories. Returns problems."""
+        if not self.owns_store:
+            raise RuntimeError("a registry that does not own its store binds versions on demand (load_version)")
         problems = []
         shutil.rmtree(self.store / "staging", ignore_errors=True)
         (self.store / "staging").mkdir()
@@ -365,7 +410,7 @@ class DeltaRegistry:
         current = self._live.get(name)
         if current is not None and current.digest == digest:
             return current  # idempotent
-        target = self.store / "deltas" / f"{name}-{digest.removeprefix('sha256:')[:16]}"
+        target = self.store / "deltas" / version_key(name, digest)
         shutil.rmtree(target, ignore_errors=True)  # an orphan of an earlier attempt
         os.replace(staging, target)
         _fsync_dir(target.parent)
@@ -403,13 +448,20 @@ class DeltaRegistry:
     async def _bind_stored(
         self, name: str, path: Path, registered_at: float, bundle: Bundle | None = None, digest: str | None = None
     ) -> LiveDelta:
-        """Bind the stored bundle at ``path`` (validated again unless ``bundle`` is given)."""
+        """Bind the stored bundle at ``path`` (validated again unless ``bundle`` is given); with ``bind=False``
+        only check that its kind can be served (the replicas bind it)."""
         if bundle is None:
             bundle = await asyncio.to_thread(read_bundle, path, self.base, self.limits)
         if digest is None:
             digest = await asyncio.to_thread(content_digest, path)
         binding = binding_for(
-            bundle.manifest.kind, name, digest, path, worker=self.worker, config=bundle.manifest.config
+            bundle.manifest.kind,
+            name,
+            digest,
+            path,
+            worker=self.worker,
+            config=bundle.manifest.config,
+            deferred=not self.bind,
         )
         await binding.bind(self.engine)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -457,7 +509,38 @@ class DeltaRegistry:
                     DRAIN_TIMEOUT_S,
                 )
         await delta.binding.unbind(self.engine)
-        shutil.rmtree(delta.path, ignore_errors=True)
+        if self.owns_store:
+            shutil.rmtree(delta.path, ignore_errors=True)
+
+    # ---- a replica's versions (owns_store=False) ----------------------------------------
+
+    async def load_version(self, key: str) -> LiveDelta:
+        """Bind the stored version ``key`` (its directory under ``deltas/``), validated again, for a replica.
+
+        The directory decides, not the index: a request the ingress forwarded just before an unregistration
+        still finds its version (the ingress keeps the directory while such a request runs). Not entered in the
+        live table: the caller keeps it and hands it back with :meth:`release`."""
+        match = VERSION_KEY.fullmatch(key)
+        path = self.store / "deltas" / key
+        if match is None or not path.is_dir():
+            raise NotFoundError(f"no stored delta version `{key}`")
+        name, prefix = match.groups()
+        record = self.indexed().get(name) or {}
+        delta = await self._bind_stored(name, path, record.get("registered_at", path.stat().st_mtime))
+        if delta.digest.removeprefix("sha256:")[:16] != prefix:
+            await delta.binding.unbind(self.engine)
+            raise NotFoundError(f"the stored delta version `{key}` does not hold the content its name says")
+        log.info("loaded %s (%s) on demand", key, delta.kind)
+        return delta
+
+    def unindexed(self, keys) -> list[str]:
+        """Those of ``keys`` (version keys) that the index no longer names: unregistered or replaced versions."""
+        current = {Path(r["dir"]).name for r in self.indexed().values()}
+        return [k for k in keys if k not in current]
+
+    def release(self, delta: LiveDelta) -> None:
+        """Detach a version bound by :meth:`load_version` once its requests end (in the background)."""
+        self._retire(delta)
 
     def _update_gauges(self) -> None:
         counts: dict[str, int] = {}

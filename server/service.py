@@ -42,6 +42,8 @@ class Routed:
     """Task name, or the base model's name."""
     decision: RouteDecision
     prompt_tokens: int
+    replica: dict | None = None
+    """Which engine replica serves it, and whether it held the delta already (engine replicas on Ray Serve)."""
 
 
 @dataclass
@@ -147,30 +149,17 @@ class DeltaService:
             metrics.ROUTING.labels(decision.router, expert).inc()
             lease = self.registry.lease(decision.expert) if decision.expert else contextlib.nullcontext(None)
             with lease as delta:
-                binding = delta.binding if delta else None
-                state = binding.state if binding else BASE_STATE
-                async with self.scheduler.slot(state):
-                    yield Routed(prep.request_id, expert, decision, prep.prompt_tokens)
-                    first = True
-                    generated = 0
-                    inp = GenerationInput(
-                        prep.request_id,
-                        prep.prompt_token_ids,
-                        prep.sampling,
-                        prep.image,
-                        binding.lora_request() if binding else None,
-                        stream=req.stream,
-                        cache_salt=binding.salt if binding else None,
-                        delta_tag=binding.tag if binding else None,
-                    )
-                    # aclosing: a closed request (client gone) aborts in the engine at once, not when the GC finds the iterator
-                    async with contextlib.aclosing(self.engine.generate(inp)) as chunks:
-                        async for chunk in chunks:
-                            if first and chunk.token_ids and req.stream:
+                routed = Routed(prep.request_id, expert, decision, prep.prompt_tokens)
+                first = True
+                generated = 0
+                async with contextlib.aclosing(self._execute(prep, delta, routed, req.stream)) as events:
+                    async for event in events:
+                        if isinstance(event, Chunk):
+                            if first and event.token_ids and req.stream:
                                 metrics.TTFT.labels(task_label).observe(time.perf_counter() - started)
                                 first = False
-                            generated += len(chunk.token_ids)
-                            yield chunk
+                            generated += len(event.token_ids)
+                        yield event
             metrics.GENERATED_TOKENS.labels(task_label).inc(generated)
             metrics.PROMPT_TOKENS.labels(task_label).inc(prep.prompt_tokens)
             metrics.REQUEST_LATENCY.labels(task_label).observe(time.perf_counter() - started)
@@ -187,6 +176,36 @@ class DeltaService:
         finally:
             metrics.REQUESTS.labels(task_label, outcome, req.api).inc()
             self._exit()
+
+    async def _execute(
+        self, prep: PreparedRequest, delta: LiveDelta | None, routed: Routed, stream: bool
+    ) -> AsyncIterator[Routed | Chunk]:
+        """Run a routed request: yield ``routed`` once it holds its engine state, then the output chunks.
+        (The ingress of engine replicas forwards the request instead: :mod:`deltaserve.server.deploy_ray`.)"""
+        async with self.scheduler.slot(delta.binding.state if delta else BASE_STATE):
+            yield routed
+            async with contextlib.aclosing(self.run(prep, delta, stream)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def run(self, prep: PreparedRequest, delta: LiveDelta | None, stream: bool) -> AsyncIterator[Chunk]:
+        """The engine's output for a prepared request with ``delta`` (held by the caller; None: the base),
+        in the engine state it needs (the caller holds the scheduler slot)."""
+        binding = delta.binding if delta else None
+        inp = GenerationInput(
+            prep.request_id,
+            prep.prompt_token_ids,
+            prep.sampling,
+            prep.image,
+            binding.lora_request() if binding else None,
+            stream=stream,
+            cache_salt=binding.salt if binding else None,
+            delta_tag=binding.tag if binding else None,
+        )
+        # aclosing: a closed request (client gone) aborts in the engine at once, not when the GC finds the iterator
+        async with contextlib.aclosing(self.engine.generate(inp)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def submit(self, req: InferenceRequest) -> Generation:
         """Validate, route and start ``req``. For a stream, wait for its first output too, so that
