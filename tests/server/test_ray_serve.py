@@ -128,7 +128,7 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
         assert first["choices"][0]["token_ids"] == refs[TASK][0]
         assert first["routing"]["replica"]["held"] is False
         holder = first["routing"]["replica"]["replica"]
-        time.sleep(2.0)  # the replica reports its ids to Ray Serve's controller, which tells the ingress's router
+        time.sleep(5.0)  # the replica reports its ids to Ray Serve's controller, which tells the ingress's router
 
         # Mixed traffic, concurrent: every answer token-equal to the reference; every delta request on the holder.
         jobs = [(model, i) for _ in range(ROUNDS) for i in range(len(PROMPTS)) for model in (TASK, "base")]
