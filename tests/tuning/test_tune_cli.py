@@ -167,7 +167,8 @@ def test_base_of_an_unknown_family_is_named(world, tmp_path):
     result = _tune(other, world["digits"], out)
     assert (
         result.exit_code == 1
-        and f"{other / 'config.json'}:3: `model_type` must be one of llava, qwen2_vl, got 'bert'" in result.output
+        and f"{other / 'config.json'}:3: `model_type` must be one of llava, qwen2_vl, qwen2_5_vl, got 'bert'"
+        in result.output
     )
     assert _nothing_written(out)
 
