@@ -355,7 +355,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlim(-0.03, 1.03)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
     fig.suptitle(
         f"Specialization vs forgetting, {report['config']['steps']} steps per method, "
         f"mean and range over seeds {report['config']['seeds']}"
