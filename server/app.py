@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -35,6 +36,13 @@ log = logging.getLogger("deltaserve.server")
 SERVER_FILE = "server.json"
 HTTP_FLUSH_S = 1
 """After the drain, how long uvicorn may take to send what finished requests still have to write."""
+
+
+def announce_ready(store: Path, info: dict, **line) -> None:
+    """Write ``<store>/server.json`` (``info``) and print the ready line
+    (``deltaserve: ready grpc=… http=… base=… …``, ``line`` in order) that launchers wait for."""
+    _write_atomic(store / SERVER_FILE, json.dumps(info, indent=2).encode())
+    print("deltaserve: ready " + " ".join(f"{k}={v}" for k, v in line.items()), flush=True)
 
 
 class _HttpServer(uvicorn.Server):
@@ -104,11 +112,14 @@ async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> None:
         "engine_start_seconds": round(engine_seconds, 2),
         "ready_seconds": round(time.perf_counter() - started, 2),
     }
-    _write_atomic(config.store / SERVER_FILE, json.dumps(info, indent=2).encode())
-    print(
-        f"deltaserve: ready grpc={info['grpc']} http={info['http']} base={info['base_model']} "
-        f"deltas={len(info['deltas'])} engine_start={info['engine_start_seconds']}s",
-        flush=True,
+    announce_ready(
+        config.store,
+        info,
+        grpc=info["grpc"],
+        http=info["http"],
+        base=info["base_model"],
+        deltas=len(info["deltas"]),
+        engine_start=f"{info['engine_start_seconds']}s",
     )
 
     try:

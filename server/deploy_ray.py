@@ -52,7 +52,7 @@ from deltaserve.server.bindings import BASE_STATE, WorkerDeltas
 from deltaserve.server.config import ServeConfig
 from deltaserve.server.engine import Chunk
 from deltaserve.server.errors import UnavailableError
-from deltaserve.server.registry import DeltaRegistry, LiveDelta, _write_atomic, version_key
+from deltaserve.server.registry import INDEX_FILE, DeltaRegistry, LiveDelta, _write_atomic, version_key
 from deltaserve.server.requests import PreparedRequest
 from deltaserve.server.service import DeltaService, Routed
 
@@ -403,7 +403,7 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
     from ray import serve
 
     from deltaserve.client.process import free_port
-    from deltaserve.server.app import SERVER_FILE
+    from deltaserve.server.app import SERVER_FILE, announce_ready
 
     config.store.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -426,7 +426,7 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
         app = build_app(config, replicas, max_deltas_per_replica=max_deltas_per_replica)
         serve.run(app, name=APP_NAME, route_prefix="/")
         http = f"http://{config.host}:{port}"
-        index = config.store / "index.json"
+        index = config.store / INDEX_FILE
         deltas = len(json.loads(index.read_text()).get("deltas", {})) if index.exists() else 0
         info = {
             "pid": os.getpid(),
@@ -437,11 +437,15 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
             "deltas": deltas,
             "ready_seconds": round(time.perf_counter() - started, 2),
         }
-        _write_atomic(config.store / SERVER_FILE, json.dumps(info, indent=2).encode())
-        print(
-            f"deltaserve: ready grpc=none http={http} base={config.engine.name} deltas={deltas} "
-            f"replicas={replicas} ready={info['ready_seconds']}s",
-            flush=True,
+        announce_ready(
+            config.store,
+            info,
+            grpc="none",
+            http=http,
+            base=config.engine.name,
+            deltas=deltas,
+            replicas=replicas,
+            ready=f"{info['ready_seconds']}s",
         )
         while not stop.wait(0.5):
             pass

@@ -237,9 +237,6 @@ class DeltaRegistry:
             index = json.loads(self._index_path().read_text())
         except FileNotFoundError:
             return {}
-        return self._check_index(index)
-
-    def _check_index(self, index: dict) -> dict:
         if index.get("format_version") != INDEX_VERSION:
             raise RuntimeError(f"{self._index_path()}: unsupported index format {index.get('format_version')!r}")
         return index.get("deltas", {})
