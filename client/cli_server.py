@@ -78,6 +78,13 @@ def _fail(exc: DeltaClientError) -> None:
     help="Shard the model over N workers (vLLM tensor parallelism; on CPU one core group per worker).",
 )
 @click.option(
+    "--engine-spin-ms",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="How long the engine processes busy-wait for each other before sleeping (default: 1 on CPU, "
+    "vLLM's 1000 on GPU).",
+)
+@click.option(
     "--replicas",
     default=0,
     show_default=True,
@@ -166,6 +173,7 @@ def serve(
     concurrent_delta_budget,
     max_bundle_size,
     tensor_parallel_size,
+    engine_spin_ms,
     replicas,
     max_deltas_per_replica,
     router,
@@ -211,6 +219,7 @@ def serve(
         exclusive_deltas=not no_exclusive,
         concurrent_delta_budget_bytes=int(concurrent_delta_budget * 1024 * 1024),
         tensor_parallel_size=tensor_parallel_size,
+        engine_spin_ms=engine_spin_ms,
     )
     config = ServeConfig(
         engine=engine,

@@ -58,3 +58,14 @@ def engine_own_group() -> bool:
     """``DELTASERVE_ENGINE_OWN_GROUP=1``: set by the server for the vLLM engine core it starts, which then
     leaves the server's process group (``deltaserve.server.engine_process``); not meant to be set by hand."""
     return os.environ.get(ENGINE_OWN_GROUP) == "1"
+
+
+ENGINE_SPIN_MS = "DELTASERVE_ENGINE_SPIN_MS"
+
+
+def engine_spin_ms() -> float | None:
+    """``DELTASERVE_ENGINE_SPIN_MS``: how long the engine's processes busy-wait on vLLM's shared-memory queues
+    after a message before they sleep on a socket (``deltaserve.server.engine_process``). Set by the server from
+    ``--engine-spin-ms`` for the engine it starts; unset: vLLM's own (1 s)."""
+    value = os.environ.get(ENGINE_SPIN_MS)
+    return float(value) if value else None

@@ -52,6 +52,13 @@ class EngineConfig:
     concurrent_delta_budget_bytes: int = 256 * MiB
     """Largest resident size (updated weights, adapters) of a plan delta served in the shared batch; a
     larger one is served as an exclusive engine state (0: every plan delta exclusive)."""
+    engine_spin_ms: float | None = None
+    """How long the engine core and its workers busy-wait on vLLM's shared-memory queues after each message
+    before sleeping on a socket. vLLM spins for 1 s, which keeps the two engine processes on two cores whenever
+    traffic flows; on a machine with few cores that starves the server's event loop (the front end): measured
+    on 2 cores, gRPC went from 0.385× to 0.961× the ``AsyncLLM`` called directly on base traffic
+    (``bench/serving.py``, ``docs/serving-bench.md``).
+    ``None``: 1 ms on CPU, vLLM's 1 s on GPU (where it was not measured); a number: that many ms everywhere."""
     disable_log_stats: bool = False
     """vLLM's own Prometheus metrics need stats on."""
 

