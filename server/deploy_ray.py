@@ -2,8 +2,10 @@
 
 One Ray Serve application of two deployments:
 
-- **Ingress** (one replica): the HTTP front end of ``deltaserve serve`` (:func:`~deltaserve.server.http_api.create_app`,
-  unchanged) over a :class:`FleetService` — a :class:`~deltaserve.server.service.DeltaService` that validates,
+- **Ingress** (one replica): both front ends of ``deltaserve serve`` — the HTTP app
+  (:func:`~deltaserve.server.http_api.create_app`, Ray Serve's HTTP proxy in front) and the gRPC server
+  (:class:`~deltaserve.server.grpc_api.GrpcFrontEnd`, listening in the ingress's own process on ``--grpc-port``),
+  both unchanged — over a :class:`FleetService` — a :class:`~deltaserve.server.service.DeltaService` that validates,
   tokenizes and routes every request itself (the ``auto`` router runs here, before any replica is chosen), holds
   the fleet's registry, and forwards each routed request to an engine replica instead of running it.
 - **EngineReplica** (N replicas): one vLLM engine each (:class:`~deltaserve.server.engine.Engine`), with the
@@ -29,7 +31,8 @@ replica rank), unless ``VLLM_CPU_OMP_THREADS_BIND`` is set. Each replica writes 
 ``<store>/replicas/<replica>.json`` (rewritten on every change and every :data:`SYNC_S`): ``GET /v1/engine`` on the
 ingress lists the fresh ones.
 
-Not offered here: the gRPC front end, ``/v1/engine/verify`` (both: the single-process server), deltaserve's
+The gRPC server listens on the machine that runs the ingress (on a local Ray instance: this one). Not offered
+here: ``/v1/engine/verify`` (the single-process server), deltaserve's
 Prometheus metrics of the replicas' engines (the ingress's ``/metrics`` covers requests, routing and affinity).
 """
 
@@ -349,7 +352,8 @@ def replica_class(max_deltas: int) -> type:
 
 
 class IngressBase:
-    """The ingress deployment (wrapped by ``serve.ingress`` in :func:`build_app`): the HTTP app over a
+    """The ingress deployment (wrapped by ``serve.ingress`` in :func:`build_app`): the HTTP app and the gRPC
+    server (on ``config.grpc_port``, which :func:`run` fixes before the deployment starts) over a
     :class:`FleetService`."""
 
     async def __init__(self, config: ServeConfig, replicas):
@@ -359,6 +363,10 @@ class IngressBase:
         problems = await self.service.start()
         for problem in problems:
             log.error("not restored: %s", problem)
+        from deltaserve.server.grpc_api import GrpcFrontEnd
+
+        self.grpc = GrpcFrontEnd(self.service, max_message_bytes=config.max_bundle_bytes + (4 << 20))
+        await self.grpc.start(config.host, config.grpc_port)
 
     def __serve_build_asgi_app__(self):
         from deltaserve.server.http_api import create_app
@@ -422,6 +430,7 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
         signal.signal(sig, lambda *_: stop.set())
     try:
         port = config.http_port or free_port()
+        config = dataclasses.replace(config, grpc_port=config.grpc_port or free_port())  # the ingress binds it
         serve.start(http_options={"host": config.host, "port": port})
         app = build_app(config, replicas, max_deltas_per_replica=max_deltas_per_replica)
         serve.run(app, name=APP_NAME, route_prefix="/")
@@ -430,7 +439,7 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
         deltas = len(json.loads(index.read_text()).get("deltas", {})) if index.exists() else 0
         info = {
             "pid": os.getpid(),
-            "grpc": None,
+            "grpc": f"{config.host}:{config.grpc_port}",
             "http": http,
             "base_model": config.engine.name,
             "replicas": replicas,
@@ -440,7 +449,7 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
         announce_ready(
             config.store,
             info,
-            grpc="none",
+            grpc=f"{config.host}:{config.grpc_port}",
             http=http,
             base=config.engine.name,
             deltas=deltas,

@@ -1,6 +1,6 @@
 """Engine replicas on Ray Serve (``deltaserve serve --replicas 2``): real Ray, two real vLLM engines, 127.0.0.1.
 
-One delta registered once through the ingress; its traffic and the base's checked token for token against
+One delta registered once through the ingress; its traffic and the base's (HTTP and gRPC) checked token for token against
 transformers (the reference the single server is held to in ``test_serving.py`` / ``test_hot_swap.py``); the
 delta loaded on demand by one replica and every later request for it served there (multiplexing); an
 unregistration that lets a running request finish and then shows on both replicas; a replica killed (its running
@@ -24,6 +24,8 @@ import pytest
 
 from helpers import PROMPTS, hf_greedy, image_prompt, make_lora_bundle, peft_model, png_bytes
 from server_process import ADMIN_TOKEN, ServerProcess
+
+from deltaserve.client.sync import DeltaClient
 
 MAX_TOKENS = 8
 ROUNDS = 3
@@ -156,6 +158,16 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
         )
         assert {r["replica"] for r in delta_served} == {holder}
         assert hits == len(delta_served)
+
+        # gRPC at the ingress: the same experts, the same tokens (its delta request goes to the holder: no new load).
+        with DeltaClient(srv.grpc) as client:
+            for model, i in ((TASK, 1), ("base", 2)):
+                out = client.generate(
+                    image_prompt(PROMPTS[i]), image=images[i], task=tiny_base.name if model == "base" else model,
+                    max_tokens=MAX_TOKENS, temperature=0,
+                )  # fmt: skip
+                assert out.token_ids == refs[model][i], (model, i)
+                assert out.routing.expert == (tiny_base.name if model == "base" else model)
         statuses = _replicas(srv)
         assert sum(r["loads"] for r in statuses) == 1, statuses
         assert [r["replica"] for r in statuses if r["held"]] == [holder]
