@@ -5,13 +5,14 @@
 
 For each replica count: ``deltaserve serve --replicas N`` (``0``: the single-process server, no Ray — the
 reference for what the Ray Serve hop costs) as a child process (Ray Serve: one ingress, N vLLM
-engines, each with LoRA on, ``max_num_seqs`` 64, KV cache 128 MiB, ``VLLM_CPU_OMP_THREADS_BIND=nobind``), ``--deltas``
+engines, each with LoRA on, ``max_num_seqs`` 64, KV cache 128 MiB, pinned to its own cores), ``--deltas``
 LoRA deltas registered once through the ingress, a warm-up (every delta and the base, twice), then a closed loop
 of ``--requests`` requests with ``--concurrency`` in flight over HTTP (``/v1/completions``, a 32×32 PNG and a
 question each, greedy, at most ``--max-tokens`` tokens): every other request names the base, the others cycle
 over the deltas. Each request has its own image (no prefix- or encoder-cache hits across measurements).
 
-Reported per replica count: requests/s and generated tokens/s (the tokens actually returned: EOS may end a
+Every measured request's tokens are checked against one single-process server (started after the runs,
+untimed, same engine flags) answering the same requests. Reported per replica count: requests/s and generated tokens/s (the tokens actually returned: EOS may end a
 request early), latency p50/p95, how the requests spread over the replicas, the delta loads, and the affinity
 hit rate: the share of delta requests (warm-up included) that met a replica already holding their delta (each
 response names its replica and whether it held the delta, ``routing.replica``). Replica counts run one after the
@@ -67,6 +68,7 @@ async def _drive(http: str, jobs: list[tuple[str, int, int]], concurrency: int, 
                     "image": base64.b64encode(png_bytes(image(q, salt))).decode(),
                     "max_tokens": max_tokens,
                     "temperature": 0,
+                    "return_token_ids": True,
                 }
                 started = time.perf_counter()
                 resp = await client.post("/v1/completions", json=body)
@@ -76,6 +78,8 @@ async def _drive(http: str, jobs: list[tuple[str, int, int]], concurrency: int, 
                 records.append(
                     {
                         "model": model,
+                        "job": (model, q, salt),
+                        "token_ids": out["choices"][0]["token_ids"],
                         "latency_s": time.perf_counter() - started,
                         "tokens": out["usage"]["completion_tokens"],
                         "replica": replica["replica"],
@@ -121,6 +125,7 @@ def measure(base: Path, base_name: str, bundles: list[Path], replicas: int, args
     for r in records:
         per_replica[r["replica"]] = per_replica.get(r["replica"], 0) + 1
     return {
+        "_outputs": {r["job"]: r["token_ids"] for r in records},  # checked against the reference, not written out
         "replicas": replicas,
         "loadavg_1min_before": load_before,
         "ready_s": round(ready_s, 1),
@@ -141,6 +146,31 @@ def measure(base: Path, base_name: str, bundles: list[Path], replicas: int, args
         "delta_loads": sum(s["loads"] for s in statuses) if replicas else None,
         "deltas_held_per_replica": sorted((len(s["held"]) for s in statuses), reverse=True) if replicas else None,
     }
+
+
+def reference_outputs(base: Path, bundles: list[Path], jobs: list[tuple[str, int, int]], args) -> dict:
+    """What one single-process server (no Ray) answers to ``jobs``, untimed: the outputs every measured
+    request must equal (greedy, same engine flags)."""
+    from deltaserve.client.process import ServerProcess
+
+    store = Path(tempfile.mkdtemp(prefix="replicas-reference-")) / "store"
+    srv = ServerProcess(base, store, "--kv-cache-memory-bytes", str(128 << 20), admin_token=ADMIN)
+    try:
+        for b in bundles:
+            _post(f"{srv.http}/v1/deltas", {"path": str(b)})
+        records = asyncio.run(_drive(srv.http, jobs, args.concurrency, args.max_tokens))
+    finally:
+        srv.stop()
+    return {r["job"]: r["token_ids"] for r in records}
+
+
+def check_outputs(runs: list[dict], reference: dict) -> None:
+    """Per run: how many measured requests answered exactly the reference's tokens (``outputs_identical``)."""
+    for run in runs:
+        outputs = run.pop("_outputs")
+        differing = [list(job) for job, ids in outputs.items() if ids != reference[job]]
+        run["outputs_identical"] = f"{len(outputs) - len(differing)}/{len(outputs)}"
+        run["outputs_differing"] = differing[:10]  # (model, question, image salt) of the first ones
 
 
 def main() -> None:
@@ -169,8 +199,11 @@ def main() -> None:
         for n in counts if r % 2 == 0 else list(reversed(counts)):
             result = measure(base, base.name, bundles, n, args, salt=1000 * (len(runs) + 1))
             result["round"] = r
-            print(json.dumps(result), flush=True)
+            print(json.dumps({k: v for k, v in result.items() if k != "_outputs"}), flush=True)
             runs.append(result)
+    jobs = sorted({job for run in runs for job in run["_outputs"]})
+    check_outputs(runs, reference_outputs(base, bundles, jobs, args))
+    print("outputs equal to the single-server reference:", [run["outputs_identical"] for run in runs], flush=True)
     summary = {}
     for n in counts:
         mine = [x for x in runs if x["replicas"] == n]
@@ -202,8 +235,8 @@ def _markdown(data: dict, summary: dict, counts: list[int]) -> str:
         "",
         "| replicas | load avg before | ready (s) | requests/s | tokens/s | p50 latency (s) | p95 latency (s) "
         "| requests per replica | delta loads | deltas held per replica | affinity hits, warm-up "
-        "| affinity hit rate, measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| affinity hit rate, measured | outputs = reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in data["runs"]:
         lines.append(
@@ -217,13 +250,16 @@ def _markdown(data: dict, summary: dict, counts: list[int]) -> str:
                 if run["replicas"]
                 else "— | — | — | — (one engine holds every delta) |"
             )
+            + f" {run['outputs_identical']} |"
         )
     lines += [
         "",
         "Replicas `0`: the single-process server (no Ray). Affinity hit: a delta request that met a replica already "
         "holding its delta (`routing.replica.held`). The warm-up sends each delta's first two requests at once, "
         "so both find it not yet loaded (and, with 2 replicas, the second may go to the other replica before Ray "
-        "Serve's router has heard which replica holds it); the measured phase comes after.",
+        "Serve's router has heard which replica holds it); the measured phase comes after. Outputs = reference: measured "
+        "requests whose greedy tokens equal those of one single-process server started after the runs (untimed) "
+        "for the same model, question and image.",
     ]
     if data["args"]["rounds"] > 1:
         lines += [
