@@ -70,6 +70,28 @@ def test_held_out_phrasings_of_the_world(world, router):
     assert report.open_world_precision >= 0.95, report.errors
 
 
+def test_routing_on_the_qwen2_vl_base(world, cards, open_world, tiny_qwen_base):
+    """The same router over the Qwen2-VL family's tiny base (its own random-init vision tower gives the image
+    evidence). Measured 2026-12-07: held-out phrasings 0.925 task recall / 0.928 open world, hand-written
+    0.907 / 0.990 — the held-out open-world figure is under the 0.95 target (LLaVA's tiny base: 0.958). The floors
+    sit just under those levels: a guard against regressions, not the target."""
+    router = E.make_router(tiny_qwen_base, cards, {"open_world": str(open_world)})
+    held_out = E.evaluate(router, E.split_queries(*world, "test"))
+    pools = E.image_pools(*world)
+    hand = E.evaluate(
+        router, E.set_queries(E.SETS / "paraphrases.jsonl", pools) + E.set_queries(E.SETS / "open_world.jsonl", pools)
+    )
+    print(
+        f"qwen2_vl: held-out phrasings {held_out.task_recall:.3f} / {held_out.open_world_precision:.3f}, "
+        f"hand-written {hand.task_recall:.3f} / {hand.open_world_precision:.3f} (task recall / open world)"
+    )
+    assert held_out.task_recall >= 0.90 and held_out.open_world_precision >= 0.90, held_out.errors
+    assert hand.task_recall >= 0.85 and hand.open_world_precision >= 0.95, hand.errors
+    pools_digit, pools_scene = pools["digit"][0], pools["scene"][0]
+    assert router.route(RouteQuery("Which digit is written here?", pools_digit)).expert == "digits"
+    assert router.route(RouteQuery("Which digit is written here?", pools_scene)).expert is None
+
+
 def test_the_image_decides_what_the_words_leave_open(world, router):
     pools = E.image_pools(*world)
     digit, scene = pools["digit"][0], pools["scene"][0]
