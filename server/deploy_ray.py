@@ -32,8 +32,11 @@ replica rank), unless ``VLLM_CPU_OMP_THREADS_BIND`` is set. Each replica writes 
 ingress lists the fresh ones.
 
 The gRPC server listens on the machine that runs the ingress (on a local Ray instance: this one). Not offered
-here: ``/v1/engine/verify`` (the single-process server), deltaserve's
-Prometheus metrics of the replicas' engines (the ingress's ``/metrics`` covers requests, routing and affinity).
+here: ``/v1/engine/verify`` (the single-process server).
+
+Metrics: each replica writes its Prometheus snapshot (``<replica>.prom``, vLLM's ``vllm:*`` and deltaserve's
+series of that process) with its status; the ingress's ``/metrics`` merges the fresh ones into its own, each
+series labelled ``replica="<id>"`` (so one scrape covers the fleet, at most :data:`SYNC_S` old).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ APP_NAME = "deltaserve"
 STATUS_DIR = "replicas"
 SYNC_S = 1.0
 """How often a replica compares what it holds with the index (and rewrites its status file)."""
+METRICS_SUFFIX = ".prom"
+"""A replica's Prometheus snapshot, beside its status file (written with it)."""
 STATUS_FRESH_S = 10.0
 """A status file older than this belongs to a replica that is gone."""
 
@@ -131,6 +136,16 @@ class FleetService(DeltaService):
     async def engine_state(self) -> dict:
         """Every live replica's status: what it holds (versions, LoRA adapters), its loads and affinity hits."""
         return {"replicas": read_statuses(self.config.store)}
+
+    def metrics_exposition(self) -> bytes:
+        """The ingress's metrics and every live replica's (vLLM's ``vllm:*`` and deltaserve's engine-side
+        series), each replica's labelled ``replica="<id>"``: the snapshot it wrote with its status."""
+        others = []
+        for status in read_statuses(self.config.store):
+            with contextlib.suppress(OSError):
+                text = (self.config.store / STATUS_DIR / f"{status['replica']}{METRICS_SUFFIX}").read_text()
+                others.append(({"replica": status["replica"]}, text))
+        return metrics.exposition(others)
 
     async def verify_base(self, *, token: str | None) -> dict:
         self.check_admin(token)
@@ -312,6 +327,9 @@ class EngineReplicaBase:
     def _write_status(self) -> None:
         directory = self.store / STATUS_DIR
         directory.mkdir(exist_ok=True)
+        from prometheus_client import REGISTRY, generate_latest
+
+        _write_atomic(directory / f"{self.tag}{METRICS_SUFFIX}", generate_latest(REGISTRY))
         _write_atomic(directory / f"{self.tag}.json", json.dumps(self.status()).encode())
 
     def __del__(self):
@@ -320,6 +338,7 @@ class EngineReplicaBase:
             self._sync_task.cancel()
         with contextlib.suppress(Exception):
             (self.store / STATUS_DIR / f"{self.tag}.json").unlink(missing_ok=True)
+            (self.store / STATUS_DIR / f"{self.tag}{METRICS_SUFFIX}").unlink(missing_ok=True)
         with contextlib.suppress(Exception):
             self.engine.shutdown()
 

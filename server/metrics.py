@@ -9,7 +9,11 @@ text from a request.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -64,3 +68,25 @@ AFFINITY = Counter(
     "Delta requests an engine replica served with the delta already bound (hit) or loaded for them (load).",
     ["outcome"],
 )
+
+
+def exposition(others: Iterable[tuple[dict[str, str], str]] = ()) -> bytes:
+    """This process's metrics in Prometheus' text format, merged with ``others``: (labels, exposition text) of
+    other processes — the engine replicas behind a Ray Serve ingress, each with ``{"replica": id}`` — whose
+    samples get those labels. A name shared by several sources stays one family (Prometheus refuses a scrape
+    that repeats a family), holding every source's series."""
+    own = generate_latest(REGISTRY)
+    others = list(others)
+    if not others:
+        return own
+    families: dict[str, Metric] = {}
+    for labels, text in [({}, own.decode()), *others]:
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            merged.samples += [s._replace(labels={**s.labels, **labels}) for s in family.samples]
+
+    class _Merged:
+        def collect(self):
+            return list(families.values())
+
+    return generate_latest(_Merged())

@@ -258,6 +258,10 @@ class DeltaService:
             )
         return decision
 
+    def metrics_exposition(self) -> bytes:
+        """``GET /metrics``: this process's Prometheus metrics (deltaserve's and vLLM's)."""
+        return metrics.exposition()
+
     @property
     def healthy(self) -> bool:
         """The one health definition of both front ends: the engine is alive and the server is not draining."""

@@ -90,6 +90,20 @@ def _replicas(srv) -> list[dict]:
     return body["replicas"]
 
 
+def _fleet_metrics(srv, answered: int) -> dict | None:
+    """The ingress's ``/metrics`` parsed (family name → samples) once the replicas' ``vllm:request_success``
+    counters add up to ``answered``; None before. Every family appears once (Prometheus refuses repeats)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{srv.http}/metrics", timeout=30) as resp:
+        families = list(text_string_to_metric_families(resp.read().decode()))
+    names = [f.name for f in families]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    scrape = {f.name: f.samples for f in families}
+    done = sum(s.value for s in scrape.get("vllm:request_success", []) if s.name.endswith("_total"))
+    return scrape if done >= answered else None
+
+
 def _wait_for(what: str, check, timeout: float = 30.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -168,6 +182,14 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
                 )  # fmt: skip
                 assert out.token_ids == refs[model][i], (model, i)
                 assert out.routing.expert == (tiny_base.name if model == "base" else model)
+
+        # One scrape for the fleet: the ingress's /metrics holds its own series and each replica's (vLLM's),
+        # labelled by replica, every family once; the replicas' vLLM counters add up to the requests answered.
+        replica_ids = {r["replica"] for r in _replicas(srv)}
+        answered = 1 + len(jobs) + 2
+        scrape = _wait_for("the replicas' request counts on /metrics", lambda: _fleet_metrics(srv, answered))
+        assert {s.labels.get("replica") for s in scrape["vllm:num_requests_running"]} == replica_ids, scrape
+        assert any("replica" not in s.labels for s in scrape["deltaserve_requests"]), "the ingress's own series"
         statuses = _replicas(srv)
         assert sum(r["loads"] for r in statuses) == 1, statuses
         assert [r["replica"] for r in statuses if r["held"]] == [holder]
