@@ -117,41 +117,44 @@ def qwen_tuned_refs(tiny_qwen_base, sample_images, qwen_tuned):
     return tuned_references(tiny_qwen_base, sample_images, qwen_tuned, QWEN_TUNED_METHODS)
 
 
-def _modules(tiny_base) -> tuple[list[str], list[str]]:
+def _modules(base: Path) -> tuple[list[str], list[str]]:
+    """``k_proj``, ``v_proj`` and ``down_proj`` of the last two decoder layers (checkpoint names), and the
+    feed-forward ones among them."""
     from deltaserve.plugins.base_spec import BaseSpec
 
-    shapes = BaseSpec.from_dir(tiny_base).module_shapes()
-    layers = sorted({int(m.split(".layers.")[1].split(".")[0]) for m in shapes if ".layers." in m and "language" in m})
+    spec = BaseSpec.from_dir(base)
+    prefix = spec.family.decoder_layers_checkpoint
+    shapes = spec.module_shapes()
+    layers = sorted({int(m[len(prefix) :].split(".")[0]) for m in shapes if m.startswith(prefix)})
     modules = [
         m
         for m in shapes
-        if m.startswith("language_model.")
-        and any(f".layers.{i}." in m for i in layers[-2:])
+        if any(m.startswith(f"{prefix}{i}.") for i in layers[-2:])
         and m.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "down_proj")
     ]
     return sorted(modules), sorted(m for m in modules if m.endswith("down_proj"))
 
 
-@pytest.fixture(scope="session")
-def ia3(tiny_base, tmp_path_factory):
-    """An IA³ bundle (the third-party kind of ``tests/kinds``): rescales ``k_proj``/``v_proj`` outputs and the
-    ``down_proj`` input of the last two decoder layers. (bundle path, module → vector, feed-forward modules)."""
+def ia3_bundle(base: Path, root: Path):
+    """An IA³ bundle (the third-party kind of ``tests/kinds``) for ``base``: rescales ``k_proj``/``v_proj``
+    outputs and the ``down_proj`` input of the last two decoder layers. (bundle path, module → vector,
+    feed-forward modules)."""
     import torch
 
     from deltaserve.plugins.base_spec import BaseSpec
     from deltaserve.plugins.writer import write_bundle
 
-    modules, feedforward = _modules(tiny_base)
-    shapes = BaseSpec.from_dir(tiny_base).module_shapes()
+    modules, feedforward = _modules(base)
+    shapes = BaseSpec.from_dir(base).module_shapes()
     gen = torch.Generator().manual_seed(7)
     vectors = {
         m: 1 + 0.9 * torch.randn(shapes[m][1] if m in feedforward else shapes[m][0], generator=gen) for m in modules
     }
     path = write_bundle(
-        tmp_path_factory.mktemp("ia3") / "bundle",
+        root / "bundle",
         name=IA3_NAME,
         kind="ia3",
-        base=BaseSpec.from_dir(tiny_base),
+        base=BaseSpec.from_dir(base),
         config={"modules": modules, "feedforward": feedforward},
         files={"ia3.safetensors": {f"{m}.ia3_l": v for m, v in vectors.items()}},
         validate=False,  # the kind is installed in the server, not in this process
@@ -159,27 +162,27 @@ def ia3(tiny_base, tmp_path_factory):
     return path, vectors, feedforward
 
 
-@pytest.fixture(scope="session")
-def ia3_refs(tiny_base, hf_processor, sample_images, ia3):
-    """Greedy tokens per task (``base``, ``IA3_NAME``) and prompt from PEFT's own IA³ (not the kind's code)."""
+def ia3_references(base: Path, images: list, ia3, forced_tokens: int = 0) -> dict[str, list[list[int]]]:
+    """Greedy tokens per task (``base``, ``IA3_NAME``) and prompt (the base's prompt format) from PEFT's own
+    IA³ (not the kind's code); ``forced_tokens``: that many tokens at least (``min_tokens``)."""
+    import json
+
     import torch
     from peft import IA3Config, get_peft_model
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoProcessor
 
-    from deltaserve.plugins.families import LLAVA
+    from deltaserve.plugins.base_spec import BaseSpec
 
     _, vectors, feedforward = ia3
-
-    def model():
-        return LlavaForConditionalGeneration.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
-
-    base = model()
+    family = BaseSpec.from_dir(base).family
+    model_type = json.loads((base / "config.json").read_text())["model_type"]
+    processor = AutoProcessor.from_pretrained(str(base))
     config = IA3Config(
-        target_modules=[LLAVA.to_module(m) for m in vectors],
-        feedforward_modules=[LLAVA.to_module(m) for m in feedforward],
+        target_modules=[family.to_module(m) for m in vectors],
+        feedforward_modules=[family.to_module(m) for m in feedforward],
     )
-    tuned = get_peft_model(model(), config)
-    by_module = {LLAVA.to_module(m): v for m, v in vectors.items()}
+    tuned = get_peft_model(hf_model_of(base), config)
+    by_module = {family.to_module(m): v for m, v in vectors.items()}
     loaded = 0
     for name, module in tuned.named_modules():
         key = re.sub(r"^base_model\.model\.", "", name)
@@ -189,9 +192,34 @@ def ia3_refs(tiny_base, hf_processor, sample_images, ia3):
             loaded += 1
     assert loaded == len(vectors)
     out = {}
-    for task, m in (("base", base), (IA3_NAME, tuned)):
+    for task, m in (("base", hf_model_of(base)), (IA3_NAME, tuned)):
         out[task] = [
-            hf_greedy(m, hf_processor, image_prompt(q), sample_images[i], TUNED_TOKENS) for i, q in enumerate(PROMPTS)
+            hf_greedy(m, processor, image_prompt(q, model_type), images[i], TUNED_TOKENS, forced_tokens)
+            for i, q in enumerate(PROMPTS)
         ]
     assert out[IA3_NAME] != out["base"] and len({tuple(o) for o in out[IA3_NAME]}) == len(PROMPTS)
     return out
+
+
+@pytest.fixture(scope="session")
+def ia3(tiny_base, tmp_path_factory):
+    """:func:`ia3_bundle` of the tiny LLaVA base."""
+    return ia3_bundle(tiny_base, tmp_path_factory.mktemp("ia3"))
+
+
+@pytest.fixture(scope="session")
+def ia3_refs(tiny_base, sample_images, ia3):
+    """:func:`ia3_references` of the LLaVA bundle."""
+    return ia3_references(tiny_base, sample_images, ia3)
+
+
+@pytest.fixture(scope="session")
+def qwen_ia3(tiny_qwen_base, tmp_path_factory):
+    """:func:`ia3_bundle` of the tiny Qwen2-VL base."""
+    return ia3_bundle(tiny_qwen_base, tmp_path_factory.mktemp("qwen-ia3"))
+
+
+@pytest.fixture(scope="session")
+def qwen_ia3_refs(tiny_qwen_base, sample_images, qwen_ia3):
+    """:func:`ia3_references` of the Qwen2-VL bundle, every answer forced to ``TUNED_TOKENS`` tokens."""
+    return ia3_references(tiny_qwen_base, sample_images, qwen_ia3, TUNED_TOKENS)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import PROMPTS, concurrent_greedy, png_bytes
+from helpers import IA3_NAME, PROMPTS, concurrent_greedy, png_bytes
 from server_process import ADMIN_TOKEN, ServerProcess
 
 
 @pytest.fixture(scope="module")
-def qwen_server(tiny_qwen_base, tmp_path_factory):
-    srv = ServerProcess(tiny_qwen_base, tmp_path_factory.mktemp("qwen-server") / "store")
+def qwen_server(tiny_qwen_base, tmp_path_factory, kinds_env):
+    srv = ServerProcess(tiny_qwen_base, tmp_path_factory.mktemp("qwen-server") / "store", env=kinds_env)
     yield srv
     srv.stop()
 
@@ -59,3 +59,21 @@ def test_tuned_deltas_of_every_kind_share_the_batch_exactly(arch, request, sampl
         with DeltaClient(server.grpc, admin_token=ADMIN_TOKEN) as admin:
             for name in tuned:
                 admin.unregister(name)
+
+
+def test_a_third_party_kind_on_qwen2_vl(qwen_server, qwen_ia3, qwen_ia3_refs, sample_images):
+    """The IA³ kind of ``tests/kinds`` (installed through its entry point only) on the second architecture:
+    concurrent with the base, token-equal to PEFT's own IA³ on the transformers Qwen2-VL model."""
+    from deltaserve.client.sync import DeltaClient
+
+    with DeltaClient(qwen_server.grpc, admin_token=ADMIN_TOKEN) as admin:
+        info = admin.register(qwen_ia3[0])
+    try:
+        assert (info.kind, info.binding) == ("ia3", "concurrent")
+        images = [png_bytes(img) for img in sample_images[: len(PROMPTS)]]
+        results = concurrent_greedy(qwen_server, ["base", IA3_NAME], images, 40, model_type="qwen2_vl")
+        wrong = [(t, i, got) for t, i, got in results if got != qwen_ia3_refs[t][i]]
+        assert not wrong, f"{len(wrong)} of {len(results)} differ, e.g. {wrong[:3]}"
+    finally:
+        with DeltaClient(qwen_server.grpc, admin_token=ADMIN_TOKEN) as admin:
+            admin.unregister(IA3_NAME)
