@@ -12,8 +12,9 @@ question each, greedy, at most ``--max-tokens`` tokens): every other request nam
 over the deltas. Each request has its own image (no prefix- or encoder-cache hits across measurements).
 
 Every measured request's tokens are checked against one single-process server (started after the runs,
-untimed, same engine flags) answering the same requests. Reported per replica count: requests/s and generated tokens/s (the tokens actually returned: EOS may end a
-request early), latency p50/p95, how the requests spread over the replicas, the delta loads, and the affinity
+untimed, same engine flags) answering the same requests. Reported per replica count: requests/s and generated
+tokens/s (the tokens actually returned: EOS may end a request early), latency p50/p95, how the requests spread
+over the replicas, the delta loads, and the affinity
 hit rate: the share of delta requests (warm-up included) that met a replica already holding their delta (each
 response names its replica and whether it held the delta, ``routing.replica``). Replica counts run one after the
 other, never at the same time; with ``--rounds 2`` the second round runs them in reverse order.

@@ -514,8 +514,9 @@ def markdown(result: dict) -> str:
             "server's event loop (and the client) then waited for the scheduler between engine steps, and gRPC ran at "
             "0.385× the direct engine (`docs/serving-bench.md` of commit 1f08617, same command). deltaserve's engine "
             "spins 1 ms on CPU (`server/engine_process.py`); `direct` keeps vLLM's 1 s (`--direct-spin-ms`). vLLM's own "
-            "server has no such setting: with the same spin as deltaserve (commit 1f08617) deltaserve's HTTP ran at "
-            "0.977× it on base traffic, so the margin over vLLM's server here comes from the spin, not the HTTP layer.",
+            "server has no such setting: when deltaserve's engine still spun 1 s like it (commit 1f08617), deltaserve's "
+            "HTTP ran at 0.977× it on base traffic, so the margin over vLLM's server here comes from the spin, not the "
+            "HTTP layer.",
             "",
         ]
     )

@@ -327,9 +327,7 @@ class EngineReplicaBase:
     def _write_status(self) -> None:
         directory = self.store / STATUS_DIR
         directory.mkdir(exist_ok=True)
-        from prometheus_client import REGISTRY, generate_latest
-
-        _write_atomic(directory / f"{self.tag}{METRICS_SUFFIX}", generate_latest(REGISTRY))
+        _write_atomic(directory / f"{self.tag}{METRICS_SUFFIX}", metrics.exposition())
         _write_atomic(directory / f"{self.tag}.json", json.dumps(self.status()).encode())
 
     def __del__(self):
@@ -453,12 +451,12 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
         serve.start(http_options={"host": config.host, "port": port})
         app = build_app(config, replicas, max_deltas_per_replica=max_deltas_per_replica)
         serve.run(app, name=APP_NAME, route_prefix="/")
-        http = f"http://{config.host}:{port}"
+        http, grpc = f"http://{config.host}:{port}", f"{config.host}:{config.grpc_port}"
         index = config.store / INDEX_FILE
         deltas = len(json.loads(index.read_text()).get("deltas", {})) if index.exists() else 0
         info = {
             "pid": os.getpid(),
-            "grpc": f"{config.host}:{config.grpc_port}",
+            "grpc": grpc,
             "http": http,
             "base_model": config.engine.name,
             "replicas": replicas,
@@ -468,7 +466,7 @@ def run(config: ServeConfig, replicas: int, *, max_deltas_per_replica: int = 8) 
         announce_ready(
             config.store,
             info,
-            grpc=f"{config.host}:{config.grpc_port}",
+            grpc=grpc,
             http=http,
             base=config.engine.name,
             deltas=deltas,
