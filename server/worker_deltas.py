@@ -125,8 +125,8 @@ class NormDispatch:
             for tag, idx in ROWS.rows.items():
                 if tag in self.weights:
                     rows = ROWS.index(idx, x)
-                    # vLLM's fused add+norm works in place: keep these rows' inputs
-                    tagged.append((rows, x[rows].clone(), None if residual is None else residual[rows].clone(), tag))
+                    # vLLM's fused add+norm works in place: keep these rows' inputs (indexing copies)
+                    tagged.append((rows, x[rows], None if residual is None else residual[rows], tag))
         out = self.base(x) if residual is None else self.base(x, residual)
         if not tagged:
             return out
@@ -137,9 +137,8 @@ class NormDispatch:
                     getattr(self.module, name).data = self.weights[tag].get(name, original)
                 if residual is None:
                     out[rows] = self.base(xd)
-                else:
-                    yd, rd = self.base(xd, rd)
-                    out[0][rows], out[1][rows] = yd, rd
+                else:  # the new residual (x + residual) does not depend on the weight: the base call's stands
+                    out[0][rows] = self.base(xd, rd)[0]
         finally:
             for name, original in originals.items():
                 getattr(self.module, name).data = original

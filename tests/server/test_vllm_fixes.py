@@ -88,3 +88,21 @@ def test_add_lora_linear_applies_each_rows_adapter_per_slice(batch):
         if k >= 0:
             expected = expected + torch.cat([0.5 * (b[s][k, 0] @ (a[s][k, 0] @ x[i])) for s in range(len(sizes))])
         torch.testing.assert_close(y[i], expected, rtol=0, atol=1e-5)
+
+
+def test_add_lora_linear_sees_an_adapter_written_into_its_slot(batch):
+    """vLLM loads an adapter by copying it into the stacked weights in place (``set_lora``); the fused per-slot
+    matrices ``add_lora_linear`` keeps must follow, or a slot would keep serving the adapter it held before."""
+    import types
+
+    from deltaserve.server.vllm_fixes import add_lora_linear
+
+    x, idx = batch["x"], batch["idx"]
+    a, b = (batch["a"].clone(),), (batch["b"].clone(),)
+    wrapper = types.SimpleNamespace(token_lora_indices=idx)
+    add_lora_linear(wrapper, torch.zeros(len(idx), b[0].shape[2]), x, a, b, 1.0, (b[0].shape[2],))
+    b[0][2].copy_(torch.ones_like(b[0][2]))  # a new adapter in slot 2 (what set_lora does)
+    y = torch.zeros(len(idx), b[0].shape[2])
+    add_lora_linear(wrapper, y, x, a, b, 1.0, (b[0].shape[2],))
+    row = idx.tolist().index(2)
+    torch.testing.assert_close(y[row], b[0][2, 0] @ (a[0][2, 0] @ x[row]), rtol=0, atol=1e-5)
