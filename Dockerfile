@@ -20,7 +20,7 @@
 #                                  an unpinned resolve pulls the CUDA wheels); TORCH_INDEX as in the Makefile, with the
 #                                  Makefile's own example (download.pytorch.org/whl/cpu) as the CPU default here,
 #                                  because the image has no local CPU wheel
-#   RUN [3] pip install -e .    <- $(STAMP): `pip install $(TORCH_INDEX_ARG) -e ".[$(VLLM_EXTRA),test,ray]"`, with
+#   RUN [3] pip install -e .    <- $(STAMP): `pip install $(TORCH_INDEX_ARG) -e ".[$(VLLM_EXTRA),test,ray,s3]"`, with
 #                                  VLLM_EXTRA=$VARIANT, without the `test` extra (pytest, openai: not served) and the
 #                                  `ray` extra (`serve --replicas`: add `,ray` for an image that runs Ray Serve)
 #   RUN [4] compat .pth shim    <- $(STAMP): `compat.install_pth()` then `compat.check()` (the import hook that lets

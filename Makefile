@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet $(TORCH_INDEX_ARG) "torch==2.13.0"
-	$(PY) -m pip install --quiet $(TORCH_INDEX_ARG) -e ".[$(VLLM_EXTRA),test,ray]"
+	$(PY) -m pip install --quiet $(TORCH_INDEX_ARG) -e ".[$(VLLM_EXTRA),test,ray,s3]"
 	$(PY) -c 'from deltaserve.plugins import compat; print("wrote", compat.install_pth())'
 	$(PY) -c 'from deltaserve.plugins import compat; print(compat.check())'
 	touch $(STAMP)

@@ -97,6 +97,12 @@ def _fail(exc: DeltaClientError) -> None:
     show_default=True,
     help="With --replicas: deltas an engine replica keeps bound (least recently used evicted).",
 )
+@click.option(
+    "--store-url",
+    default=None,
+    help="With --replicas: publish the store to an S3-compatible bucket (s3://bucket/prefix; endpoint and "
+    "credentials from the AWS_* environment) for replicas without shared storage (needs the `s3` extra).",
+)
 @click.option("--no-lora", is_flag=True, help="Serve without multi-LoRA (then vLLM compiles the decoder on CPU).")
 @click.option(
     "--no-exclusive",
@@ -176,6 +182,7 @@ def serve(
     engine_spin_ms,
     replicas,
     max_deltas_per_replica,
+    store_url,
     router,
     router_opt,
     max_state_wait,
@@ -224,6 +231,7 @@ def serve(
     config = ServeConfig(
         engine=engine,
         store=store,
+        store_url=store_url,
         host=host,
         grpc_port=grpc_port,
         http_port=http_port,
@@ -237,6 +245,18 @@ def serve(
     )
     if replicas < 0 or max_deltas_per_replica < 1:
         raise click.UsageError("--replicas must be >= 0 and --max-deltas-per-replica >= 1")
+    if store_url is not None:
+        if not replicas:
+            raise click.UsageError("--store-url is for engine replicas (--replicas N): one server reads --store")
+        from deltaserve.server.object_store import parse_url
+
+        try:
+            parse_url(store_url)
+            import boto3  # noqa: F401
+        except ValueError as exc:
+            raise click.UsageError(f"--store-url: {exc}") from None
+        except ImportError as exc:
+            raise click.ClickException(f"--store-url needs boto3: pip install 'deltaserve[s3]' ({exc})") from None
     if replicas:
         try:
             import ray.serve  # noqa: F401

@@ -74,6 +74,9 @@ class ServeConfig:
     engine: EngineConfig
     store: Path
     """Directory of the persisted delta registry (created)."""
+    store_url: str | None = None
+    """Engine replicas only: ``s3://bucket/prefix`` the store is published to and the replicas read from
+    (:mod:`deltaserve.server.object_store`); None: the replicas read ``store`` itself (shared storage)."""
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     """0 picks a free port (reported on stdout and in ``<store>/server.json``)."""

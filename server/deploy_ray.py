@@ -42,12 +42,15 @@ series labelled ``replica="<id>"`` (so one scrape covers the fleet, at most :dat
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,8 +60,15 @@ from deltaserve.server import metrics
 from deltaserve.server.bindings import BASE_STATE, WorkerDeltas
 from deltaserve.server.config import ServeConfig
 from deltaserve.server.engine import Chunk
-from deltaserve.server.errors import UnavailableError
-from deltaserve.server.registry import INDEX_FILE, DeltaRegistry, LiveDelta, _write_atomic, version_key
+from deltaserve.server.errors import NotFoundError, UnavailableError
+from deltaserve.server.registry import (
+    INDEX_FILE,
+    VERSION_KEY,
+    DeltaRegistry,
+    LiveDelta,
+    _write_atomic,
+    version_key,
+)
 from deltaserve.server.requests import PreparedRequest
 from deltaserve.server.service import DeltaService, Routed
 
@@ -96,9 +106,11 @@ class FleetService(DeltaService):
     """The ingress's service: validation, routing and the registry as in one server; execution on a replica."""
 
     def __init__(self, config: ServeConfig, engine: FleetEngine, replicas):
+        self.remote = object_store(config)
         registry = DeltaRegistry(
-            config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes, bind=False
-        )
+            config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes, bind=False,
+            remote=self.remote,
+        )  # fmt: skip
         super().__init__(config, engine, registry)
         self.replicas = replicas
         """Ray Serve handle of the :class:`EngineReplica` deployment."""
@@ -135,15 +147,18 @@ class FleetService(DeltaService):
 
     async def engine_state(self) -> dict:
         """Every live replica's status: what it holds (versions, LoRA adapters), its loads and affinity hits."""
-        return {"replicas": read_statuses(self.config.store)}
+        return {"replicas": await asyncio.to_thread(read_statuses, self.config.store, self.remote)}
 
     def metrics_exposition(self) -> bytes:
         """The ingress's metrics and every live replica's (vLLM's ``vllm:*`` and deltaserve's engine-side
         series), each replica's labelled ``replica="<id>"``: the snapshot it wrote with its status."""
         others = []
-        for status in read_statuses(self.config.store):
+        for status in read_statuses(self.config.store, self.remote):
             with contextlib.suppress(OSError):
-                text = (self.config.store / STATUS_DIR / f"{status['replica']}{METRICS_SUFFIX}").read_text()
+                if self.remote is None:
+                    text = (self.config.store / STATUS_DIR / f"{status['replica']}{METRICS_SUFFIX}").read_text()
+                else:
+                    text = (self.remote.read_status_file(status["replica"], METRICS_SUFFIX) or b"").decode()
                 others.append(({"replica": status["replica"]}, text))
         return metrics.exposition(others)
 
@@ -168,17 +183,34 @@ async def _unwrap(awaitable):
         raise
 
 
-def read_statuses(store: Path) -> list[dict]:
+def object_store(config: ServeConfig):
+    """The :class:`~deltaserve.server.object_store.ObjectStore` of ``--store-url``, or None (a shared directory)."""
+    if config.store_url is None:
+        return None
+    from deltaserve.server.object_store import ObjectStore
+
+    return ObjectStore(config.store_url)
+
+
+def read_statuses(store: Path, remote=None) -> list[dict]:
+    """The fresh replica statuses: files under ``<store>/replicas/``, or objects in ``remote``'s bucket."""
+    if remote is None:
+        texts = []
+        for path in sorted((Path(store) / STATUS_DIR).glob("*.json")):
+            with contextlib.suppress(OSError):  # removed meanwhile
+                texts.append(path.read_bytes())
+    else:
+        texts = remote.statuses()
     out = []
     now = time.time()
-    for path in sorted((Path(store) / STATUS_DIR).glob("*.json")):
+    for text in texts:
         try:
-            status = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # being replaced, or removed meanwhile
+            status = json.loads(text)
+        except ValueError:
+            continue  # being replaced
         if now - status.get("updated_at", 0) <= STATUS_FRESH_S:
             out.append(status)
-    return out
+    return sorted(out, key=lambda s: s.get("replica", ""))
 
 
 # ---- an engine replica ------------------------------------------------------------------
@@ -214,7 +246,13 @@ class EngineReplicaBase:
 
         context = serve.get_replica_context()
         self.tag = context.replica_id.unique_id if context else str(os.getpid())
-        self.store = Path(config.store)
+        self.remote = object_store(config)
+        if self.remote is None:
+            self.store = Path(config.store)
+        else:  # a private cache of the bucket: its index, and the versions this replica loads
+            self.store = Path(tempfile.mkdtemp(prefix=f"deltaserve-replica-{self.tag}-"))
+            self._uploads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltaserve-status")
+            await asyncio.to_thread(self.remote.pull, self.store, versions=False)
         if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the user's binding, if set, wins
             rank = getattr(getattr(context, "rank", None), "local_rank", None)
             binding = cpu_binding(rank, cores_shared_by, config.engine.tensor_parallel_size)
@@ -244,8 +282,15 @@ class EngineReplicaBase:
     async def describe(self) -> dict:
         return {"max_model_len": self.engine.max_model_len, "model_name": self.engine.model_name, "replica": self.tag}
 
+    async def _load_version(self, key: str) -> LiveDelta:
+        if self.remote is not None:
+            if VERSION_KEY.fullmatch(key) is None:
+                raise NotFoundError(f"no stored delta version `{key}`")
+            await asyncio.to_thread(self.remote.fetch_version, key, self.store)
+        return await self.service.registry.load_version(key)
+
     async def _bind(self, key: str) -> _Resident:
-        delta = await self.service.registry.load_version(key)
+        delta = await self._load_version(key)
         self.loads += 1
         resident = _Resident(self, key, delta)
         self.resident[key] = resident
@@ -267,7 +312,7 @@ class EngineReplicaBase:
             resident = await self.load(key)
             async with resident.lock:
                 if resident.delta is None:  # released after an unregistration; the same content is back
-                    resident.delta = await self.service.registry.load_version(key)
+                    resident.delta = await self._load_version(key)
                     self.loads += 1
                     self._write_status()
             delta = resident.delta
@@ -301,6 +346,8 @@ class EngineReplicaBase:
 
     async def sync(self) -> None:
         """Release every held version the index no longer names (unregistered or replaced); refresh the status."""
+        if self.remote is not None:
+            await asyncio.to_thread(self.remote.pull, self.store, versions=False)
         held = [k for k, r in self.resident.items() if r.delta is not None]
         for key in self.service.registry.unindexed(held):
             resident = self.resident[key]
@@ -310,6 +357,12 @@ class EngineReplicaBase:
         if self.engine.config.enable_lora:
             self._loras = sorted(await self.engine.list_loras())
         self._write_status()
+
+    def _put_status(self, status: bytes, exposition: bytes) -> None:
+        try:
+            self.remote.put_status(self.tag, status, exposition, METRICS_SUFFIX)
+        except UnavailableError as exc:  # the next sync writes it again
+            log.warning("replica %s: could not write its status: %s", self.tag, exc)
 
     def status(self) -> dict:
         return {
@@ -325,6 +378,9 @@ class EngineReplicaBase:
         }
 
     def _write_status(self) -> None:
+        if self.remote is not None:  # uploaded in order, off the event loop
+            self._uploads.submit(self._put_status, json.dumps(self.status()).encode(), metrics.exposition())
+            return
         directory = self.store / STATUS_DIR
         directory.mkdir(exist_ok=True)
         _write_atomic(directory / f"{self.tag}{METRICS_SUFFIX}", metrics.exposition())
@@ -335,8 +391,13 @@ class EngineReplicaBase:
         with contextlib.suppress(Exception):
             self._sync_task.cancel()
         with contextlib.suppress(Exception):
-            (self.store / STATUS_DIR / f"{self.tag}.json").unlink(missing_ok=True)
-            (self.store / STATUS_DIR / f"{self.tag}{METRICS_SUFFIX}").unlink(missing_ok=True)
+            if self.remote is not None:
+                self._uploads.shutdown(wait=True)
+                self.remote.delete_status(self.tag, METRICS_SUFFIX)
+                shutil.rmtree(self.store, ignore_errors=True)  # the private cache
+            else:
+                (self.store / STATUS_DIR / f"{self.tag}.json").unlink(missing_ok=True)
+                (self.store / STATUS_DIR / f"{self.tag}{METRICS_SUFFIX}").unlink(missing_ok=True)
         with contextlib.suppress(Exception):
             self.engine.shutdown()
 

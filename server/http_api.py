@@ -459,7 +459,8 @@ def create_app(service: DeltaService) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_endpoint():
-        return Response(service.metrics_exposition(), media_type=CONTENT_TYPE_LATEST)
+        # in a thread: the ingress of engine replicas may read their snapshots from an object store
+        return Response(await asyncio.to_thread(service.metrics_exposition), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

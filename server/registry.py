@@ -172,8 +172,12 @@ class DeltaRegistry:
         before_publish=None,
         bind: bool = True,
         owns_store: bool = True,
+        remote=None,
     ):
         self.store = Path(store)
+        self.remote = remote
+        """:class:`~deltaserve.server.object_store.ObjectStore` the store is published to (the ingress of engine
+        replicas with ``--store-url``), or None: every index write goes there first, with the versions it names."""
         self.bind = bind
         """False (the ingress of engine replicas): versions are validated, stored and indexed but bound nowhere
         here; the replicas bind them on demand."""
@@ -267,7 +271,10 @@ class DeltaRegistry:
                 for d in live.values()
             },
         }
-        _write_atomic(self._index_path(), (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+        data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        if self.remote is not None:  # first: a failure there leaves the local index as it was
+            self.remote.publish(data, self.store, [r["dir"] for r in index["deltas"].values()])
+        _write_atomic(self._index_path(), data)
 
     async def restore(self) -> list[str]:
         """Bind every delta of the index; wipe staging and unreferenced directories. Returns problems."""
@@ -278,8 +285,17 @@ class DeltaRegistry:
         (self.store / "staging").mkdir()
         for tmp in self.store.glob(f".{INDEX_FILE}.*.tmp"):  # an index write cut short before its rename
             tmp.unlink()
+        if self.remote is not None:  # the bucket's index, when it has one, is the newest (written first)
+            pulled = await asyncio.to_thread(self.remote.pull, self.store, versions=True)
         records = self._read_index()
         referenced = {self.store / r["dir"] for r in records.values()}
+        if self.remote is not None:
+            if pulled is None and records:  # a bucket new to this store: publish what the store has
+                await asyncio.to_thread(self.remote.publish, self._index_path().read_bytes(), self.store,
+                                        [r["dir"] for r in records.values()])  # fmt: skip
+            for orphan in await asyncio.to_thread(self.remote.versions) - {p.name for p in referenced}:
+                log.info("removing unreferenced version %s from %s", orphan, self.remote.url)
+                await asyncio.to_thread(self.remote.delete_version, orphan)
         for entry in (self.store / "deltas").iterdir():
             if entry not in referenced:
                 log.info("removing unreferenced store entry %s (an interrupted registration)", entry.name)
@@ -508,6 +524,11 @@ class DeltaRegistry:
         await delta.binding.unbind(self.engine)
         if self.owns_store:
             shutil.rmtree(delta.path, ignore_errors=True)
+            if self.remote is not None and self.unindexed([delta.path.name]):  # not registered again meanwhile
+                try:
+                    await asyncio.to_thread(self.remote.delete_version, delta.path.name)
+                except Exception as exc:  # left for the next start's clean-up
+                    log.warning("could not remove %s from %s: %s", delta.path.name, self.remote.url, exc)
 
     # ---- a replica's versions (owns_store=False) ----------------------------------------
 

@@ -223,3 +223,43 @@ def qwen_ia3(tiny_qwen_base, tmp_path_factory):
 def qwen_ia3_refs(tiny_qwen_base, sample_images, qwen_ia3):
     """:func:`ia3_references` of the Qwen2-VL bundle, every answer forced to ``TUNED_TOKENS`` tokens."""
     return ia3_references(tiny_qwen_base, sample_images, qwen_ia3, TUNED_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server on 127.0.0.1 (moto's standalone server: the S3 HTTP API, objects in its memory)
+    and the environment a boto3 client (this process's, or a server's it starts) needs to reach it."""
+    from moto.server import ThreadedMotoServer
+
+    from deltaserve.client.process import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "deltaserve-test",
+        "AWS_SECRET_ACCESS_KEY": "deltaserve-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server, request) -> str:
+    """``s3://<a new bucket>/fleet``."""
+    import boto3
+
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-bucket"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/fleet"

@@ -298,6 +298,42 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
     print(f"test wall time {time.monotonic() - started:.0f} s")
 
 
+def test_replicas_read_the_store_from_a_bucket(tiny_base, tmp_path, bundles, refs, sample_images, s3_url):
+    """``--store-url``: the ingress publishes the store to an S3-compatible bucket and the replicas read it from there
+    (each into a cache of its own), their statuses and metrics going through the bucket too."""
+    from deltaserve.server.object_store import ObjectStore
+
+    images = [png_bytes(img) for img in sample_images]
+    remote = ObjectStore(s3_url)
+    srv = ServerProcess(
+        tiny_base, tmp_path / "store", "--replicas", "2", "--enforce-eager", "--store-url", s3_url,
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-seqs", "16",
+    )  # fmt: skip
+    try:
+        replicas = _wait_for("two replica statuses", lambda: len(_replicas(srv)) == 2 and _replicas(srv))
+        assert sorted(json.loads(s)["replica"] for s in remote.statuses()) == sorted(r["replica"] for r in replicas)
+        assert not (tmp_path / "store" / "replicas").exists()  # nothing of the replicas in the ingress's store
+
+        status, body = _call(f"{srv.http}/v1/deltas", "POST", {"path": str(bundles[TASK])}, token=ADMIN_TOKEN)
+        assert status == 201, body
+        (key,) = remote.versions()
+        for i in range(2):
+            for model in (TASK, "base"):
+                status, body = _complete(srv, tiny_base.name if model == "base" else model, i, images)
+                assert status == 200 and body["choices"][0]["token_ids"] == refs[model][i], (model, i, body)
+        assert [r["held"] for r in _replicas(srv) if r["held"]] == [[key]]
+        scrape = _wait_for("the replicas' request counts on /metrics", lambda: _fleet_metrics(srv, 4))
+        assert len({s.labels.get("replica") for s in scrape["vllm:num_requests_running"]}) == 2
+
+        status, body = _call(f"{srv.http}/v1/deltas/{TASK}", "DELETE", token=ADMIN_TOKEN)
+        assert status == 200, body
+        _wait_for("both replicas to release the delta", lambda: all(r["held"] == [] for r in _replicas(srv)))
+        _wait_for("the version's files to leave the bucket", lambda: not remote.versions())
+    finally:
+        srv.stop()
+    assert remote.statuses() == []  # each replica removed its status on the way out
+
+
 def test_replicas_on_one_machine_pin_disjoint_cores(monkeypatch):
     from deltaserve.server import deploy_ray
 
