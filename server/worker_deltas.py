@@ -79,13 +79,13 @@ ROWS = BatchRows()
 
 def _group(tags: list[str | None], counts: list[int]) -> dict[str, torch.Tensor]:
     """Per tag, the row indices of a layout where entry i (tag, count) occupies ``counts[i]`` consecutive rows."""
-    segments: dict[str, list[torch.Tensor]] = {}
+    segments: dict[str, list[int]] = {}
     start = 0
     for tag, n in zip(tags, counts, strict=True):
         if tag is not None:
-            segments.setdefault(tag, []).append(torch.arange(start, start + n))
+            segments.setdefault(tag, []).extend(range(start, start + n))
         start += n
-    return {tag: torch.cat(parts) for tag, parts in segments.items()}
+    return {tag: torch.tensor(rows, dtype=torch.long) for tag, rows in segments.items()}  # one tensor per tag
 
 
 class LinearDispatch:

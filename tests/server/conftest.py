@@ -35,6 +35,7 @@ def server(tiny_base, tmp_path_factory, kinds_env):
 TUNED_METHODS = {
     "t-spider": ("spider", 0),
     "t-magnitude": ("magnitude", 0),
+    "t-full": ("full", 0),
     "t-lora-a": ("lora", 1),
     "t-lora-b": ("lora", 2),
     "t-bottleneck": ("bottleneck", 0),
@@ -42,16 +43,17 @@ TUNED_METHODS = {
 QWEN_TUNED_METHODS = {
     "q-spider": ("spider", 0),
     "q-magnitude": ("magnitude", 0),
+    "q-full": ("full", 0),
     "q-lora": ("lora", 1),
     "q-bottleneck": ("bottleneck", 0),
 }
-"""The Qwen2-VL deltas: every kind (sparse by two selective methods), one LoRA."""
+"""The Qwen2-VL deltas: every kind (sparse by the three selective methods: SPIDER, magnitude, full), one LoRA."""
 
 
 def tune_deltas(base: Path, root: Path, methods: dict[str, tuple[str, int]]) -> dict[str, Path]:
     """Deltas made by ``deltaserve tune`` with its defaults, briefly trained (30 steps of 8) on the tiny world's
-    digits: SPIDER and magnitude masks over the projector and the last two decoder layers (RMSNorm weights
-    included), LoRA on every linear of that scope, bottleneck relu adapters on ``o_proj`` and ``down_proj``.
+    digits: SPIDER and magnitude masks and full (dense) fine-tuning over the projector and the last two decoder
+    layers (RMSNorm weights included), LoRA on every linear of that scope, bottleneck relu adapters on ``o_proj`` and ``down_proj``.
     ``methods``: name → (method, seed). Name → bundle directory."""
     from deltaserve.tuning.tune import TuneConfig, tune
     from deltaserve.tuning.world import WorldConfig, build_world
