@@ -22,7 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import PROMPTS, hf_greedy, image_prompt, make_lora_bundle, peft_model, png_bytes
+from helpers import (
+    PROMPTS,
+    hf_greedy,
+    image_prompt,
+    make_lora_bundle,
+    make_sparse_bundle,
+    peft_model,
+    plugin_model,
+    png_bytes,
+)
 from server_process import ADMIN_TOKEN, ServerProcess
 
 from deltaserve.client.sync import DeltaClient
@@ -31,6 +40,7 @@ MAX_TOKENS = 8
 ROUNDS = 3
 TASK = "fleet-a"
 OTHER = "fleet-b"
+SPARSE = "fleet-sparse"
 KV_CACHE_BYTES = 64 * 1024 * 1024
 
 
@@ -298,37 +308,54 @@ def test_two_replicas_share_one_registry_with_delta_affinity(tiny_base, tmp_path
     print(f"test wall time {time.monotonic() - started:.0f} s")
 
 
-def test_replicas_read_the_store_from_a_bucket(tiny_base, tmp_path, bundles, refs, sample_images, s3_url):
+def test_replicas_read_the_store_from_a_bucket(tiny_base, tmp_path, bundles, refs, sample_images, hf_processor, s3_url):
     """``--store-url``: the ingress publishes the store to an S3-compatible bucket and the replicas read it from there
-    (each into a cache of its own), their statuses and metrics going through the bucket too."""
+    (each into a cache of its own), their statuses and metrics going through the bucket too. With
+    ``--concurrent-delta-budget 0`` a sparse delta is served by an exclusive engine state on its replica."""
     from deltaserve.server.object_store import ObjectStore
 
     images = [png_bytes(img) for img in sample_images]
+    sparse = make_sparse_bundle(tiny_base, tmp_path / "sparse", SPARSE, seed=41)
+    sparse_refs = [
+        hf_greedy(plugin_model(tiny_base, sparse), hf_processor, image_prompt(PROMPTS[i]), sample_images[i], MAX_TOKENS)
+        for i in range(2)
+    ]
+    assert sparse_refs != refs["base"][:2]
+    refs = {**refs, SPARSE: sparse_refs}
     remote = ObjectStore(s3_url)
     srv = ServerProcess(
         tiny_base, tmp_path / "store", "--replicas", "2", "--enforce-eager", "--store-url", s3_url,
-        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-seqs", "16",
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-seqs", "16", "--concurrent-delta-budget", "0",
     )  # fmt: skip
     try:
         replicas = _wait_for("two replica statuses", lambda: len(_replicas(srv)) == 2 and _replicas(srv))
         assert sorted(json.loads(s)["replica"] for s in remote.statuses()) == sorted(r["replica"] for r in replicas)
         assert not (tmp_path / "store" / "replicas").exists()  # nothing of the replicas in the ingress's store
 
-        status, body = _call(f"{srv.http}/v1/deltas", "POST", {"path": str(bundles[TASK])}, token=ADMIN_TOKEN)
-        assert status == 201, body
-        (key,) = remote.versions()
+        for bundle in (bundles[TASK], sparse):
+            status, body = _call(f"{srv.http}/v1/deltas", "POST", {"path": str(bundle)}, token=ADMIN_TOKEN)
+            assert status == 201, body
+        assert len(remote.versions()) == 2
         for i in range(2):
-            for model in (TASK, "base"):
+            for model in (TASK, SPARSE, "base"):
                 status, body = _complete(srv, tiny_base.name if model == "base" else model, i, images)
                 assert status == 200 and body["choices"][0]["token_ids"] == refs[model][i], (model, i, body)
-        assert [r["held"] for r in _replicas(srv) if r["held"]] == [[key]]
-        scrape = _wait_for("the replicas' request counts on /metrics", lambda: _fleet_metrics(srv, 4))
+        held = sorted(k.rsplit("-", 1)[0] for r in _replicas(srv) for k in r["held"])
+        assert held == sorted([TASK, SPARSE]), held
+        scrape = _wait_for("the replicas' request counts on /metrics", lambda: _fleet_metrics(srv, 6))
         assert len({s.labels.get("replica") for s in scrape["vllm:num_requests_running"]}) == 2
+        switched = {
+            s.labels["to_state"]
+            for s in scrape.get("deltaserve_state_switches", [])
+            if s.name.endswith("_total") and s.value > 0 and "replica" in s.labels
+        }
+        assert switched - {"base"}, f"no replica switched to the sparse delta's exclusive state: {switched}"
 
-        status, body = _call(f"{srv.http}/v1/deltas/{TASK}", "DELETE", token=ADMIN_TOKEN)
-        assert status == 200, body
-        _wait_for("both replicas to release the delta", lambda: all(r["held"] == [] for r in _replicas(srv)))
-        _wait_for("the version's files to leave the bucket", lambda: not remote.versions())
+        for name in (TASK, SPARSE):
+            status, body = _call(f"{srv.http}/v1/deltas/{name}", "DELETE", token=ADMIN_TOKEN)
+            assert status == 200, body
+        _wait_for("both replicas to release the deltas", lambda: all(r["held"] == [] for r in _replicas(srv)))
+        _wait_for("the versions' files to leave the bucket", lambda: not remote.versions())
     finally:
         srv.stop()
     assert remote.statuses() == []  # each replica removed its status on the way out
