@@ -44,10 +44,11 @@ class BaseSpec:
 
     @property
     def family(self):
-        """The base's architecture family (:mod:`deltaserve.plugins.families`), from ``config.json``."""
+        """The base's architecture family (:mod:`deltaserve.plugins.families`), from ``config.json``, in the layout of
+        its tensor names."""
         from deltaserve.plugins.families import family_of
 
-        return family_of(self.config)
+        return family_of(self.config, self.params)
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """Linear-like module checkpoint name → ``(out_features, in_features)``.

@@ -14,13 +14,24 @@ The rest of deltaserve is architecture-neutral: it asks the base's family (found
 vLLM's side needs no table: the server resolves checkpoint names with the model's own
 ``hf_to_vllm_mapper`` and ``packed_modules_mapping`` (:mod:`deltaserve.server.worker_patches`).
 
+A family may know several checkpoint **layouts** (the same modules under different
+tensor names: Qwen2-VL's published checkpoints keep transformers 4.x's ``visual.*`` /
+``model.*``, a checkpoint re-saved by transformers 5.x nests them as ``model.visual.*`` /
+``model.language_model.*``; vLLM and transformers read both). The layout of a base is
+read from its tensor names (:meth:`Family.for_checkpoint`): :func:`family_of` does so
+for a model or config loaded from a local directory, ``BaseSpec.family`` from the
+names it holds.
+
 Adding a family is one :class:`Family` entry here (plus a base builder in
 :mod:`deltaserve.tuning.base.factory` for a tiny test model).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,20 @@ class Family:
     """Module prefix of the LM head (output embedding)."""
     language_model: str
     """Checkpoint prefix of the language model (decoder, norms, LM head)."""
+    other_layouts: tuple[tuple[tuple[tuple[str, str], ...], str], ...] = ()
+    """Further checkpoint layouts a base of the family may have: (``checkpoint_prefixes``, ``language_model``)
+    pairs; the fields above are the default layout (the one of a base built by deltaserve)."""
+
+    def for_checkpoint(self, names) -> Family:
+        """The family in the layout of a checkpoint with tensor ``names``: the first layout (default first) under
+        which the checkpoint holds the decoder layers; the default when none does."""
+        names = list(names)
+        for prefixes, language_model in ((self.checkpoint_prefixes, self.language_model), *self.other_layouts):
+            layout = dataclasses.replace(self, checkpoint_prefixes=prefixes, language_model=language_model)
+            layers = layout.decoder_layers_checkpoint
+            if any(n.startswith(layers) for n in names):
+                return layout
+        return self
 
     def to_checkpoint(self, name: str) -> str:
         """transformers module/parameter name → checkpoint name."""
@@ -86,35 +111,37 @@ LLAVA = Family(
     language_model="language_model.",
 )
 
+QWEN_HUB_LAYOUT = ((("model.visual.", "visual."), ("model.language_model.", "model.")), "model.")
+"""The layout of the published Qwen2-VL / Qwen2.5-VL checkpoints (saved before transformers nested the modules):
+``visual.*`` and ``model.*`` (the decoder). transformers 5.x renames on load (conversion_mapping.py, ``^visual`` →
+``model.visual``, ``^model`` → ``model.language_model``); vLLM's weight mapper reads it."""
+QWEN_NESTED_LAYOUT = ((), "model.language_model.")
+"""The layout transformers 5.x saves (module names as they are), which vLLM's weight mapper reads too."""
+
 QWEN2_VL = Family(
     name="qwen2_vl",
     model_types=("qwen2_vl",),
     model_class="Qwen2VLForConditionalGeneration",
-    checkpoint_prefixes=(),  # written as transformers 5.x saves it, which vLLM's weight mapper reads
+    checkpoint_prefixes=QWEN_NESTED_LAYOUT[0],  # the tiny base is saved by transformers 5.x
     vision_tower="model.visual.",
     projector="model.visual.merger.",
     decoder_layers="model.language_model.layers.",
     lm_head="lm_head.",
-    language_model="model.language_model.",
+    language_model=QWEN_NESTED_LAYOUT[1],
+    other_layouts=(QWEN_HUB_LAYOUT,),  # e.g. Qwen/Qwen2-VL-7B-Instruct
 )
 
 QWEN2_5_VL = Family(
     name="qwen2_5_vl",
     model_types=("qwen2_5_vl",),
     model_class="Qwen2_5_VLForConditionalGeneration",
-    # The Hub layout of the published checkpoints (e.g. Qwen/Qwen2.5-VL-7B-Instruct, saved before transformers
-    # nested the modules): `visual.*` and `model.*` (the decoder); transformers 5.x renames on load
-    # (conversion_mapping.py, `^visual` → `model.visual`, `^model` → `model.language_model`), vLLM's weight
-    # mapper reads it. A checkpoint re-saved by transformers 5.x (`model.language_model.*`) is not this layout.
-    checkpoint_prefixes=(
-        ("model.visual.", "visual."),
-        ("model.language_model.", "model."),
-    ),
+    checkpoint_prefixes=QWEN_HUB_LAYOUT[0],  # the published checkpoints, e.g. Qwen/Qwen2.5-VL-7B-Instruct
     vision_tower="model.visual.",
     projector="model.visual.merger.",
     decoder_layers="model.language_model.layers.",
     lm_head="lm_head.",
-    language_model="model.",
+    language_model=QWEN_HUB_LAYOUT[1],
+    other_layouts=(QWEN_NESTED_LAYOUT,),  # re-saved by transformers 5.x
 )
 
 FAMILIES = (LLAVA, QWEN2_VL, QWEN2_5_VL)
@@ -127,11 +154,30 @@ def family_named(name: str) -> Family:
     raise ValueError(f"unknown architecture `{name}` (known: {', '.join(f.name for f in FAMILIES)})")
 
 
-def family_of(config) -> Family:
-    """The family of a model: its transformers config, a ``config.json`` dict, or anything with a ``config``."""
+def family_of(config, names=None) -> Family:
+    """The family of a model: its transformers config, a ``config.json`` dict, or anything with a ``config``; in
+    the layout of the checkpoint with tensor ``names`` — by default, of the local directory the transformers
+    config was loaded from (``_name_or_path``), if any; else the family's default layout."""
     config = getattr(config, "config", config)
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
-            return family
+            if not family.other_layouts:
+                return family
+            if names is None:
+                names = _checkpoint_names(str(getattr(config, "_name_or_path", "") or ""))
+            return family.for_checkpoint(names) if names else family
     raise ValueError(f"unsupported architecture: model_type `{model_type}` (known: {[f.name for f in FAMILIES]})")
+
+
+@functools.lru_cache(maxsize=32)
+def _checkpoint_names(directory: str) -> tuple[str, ...]:
+    """The tensor names of the safetensors files in ``directory`` (headers only), or () when there are none."""
+    if not directory or not Path(directory).is_dir():
+        return ()
+    from deltaserve.plugins.safetensors_header import read_header
+
+    names: list[str] = []
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        names += read_header(file)[0]
+    return tuple(names)

@@ -37,6 +37,26 @@ def tiny_qwen_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_hub_base(tiny_qwen_base, tmp_path_factory) -> Path:
+    """The tiny Qwen2-VL base with the tensor names of the published Qwen2-VL checkpoints (``visual.*`` and
+    ``model.*``, as saved before transformers 5.x nested them): the same weights, renamed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from deltaserve.plugins.families import QWEN2_VL, QWEN_HUB_LAYOUT
+
+    hub = QWEN2_VL.for_checkpoint([f"{QWEN_HUB_LAYOUT[1]}layers.0.mlp.up_proj.weight"])
+    assert hub.checkpoint_prefixes == QWEN_HUB_LAYOUT[0]
+    out = tmp_path_factory.mktemp("base") / "tiny-qwen2-vl-hub"
+    shutil.copytree(tiny_qwen_base, out)
+    for file in out.glob("*.safetensors"):
+        tensors = load_file(file)
+        save_file({hub.to_checkpoint(name): t for name, t in tensors.items()}, file, metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
 def hf_processor(tiny_base):
     from transformers import AutoProcessor
 

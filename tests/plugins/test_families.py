@@ -96,3 +96,22 @@ def test_tuning_scope_is_the_merger_and_the_last_layers(tiny_qwen25):
     }
     linears = Scope(last_n_layers=2).decoder_linears(tiny_qwen25, ("q_proj", "down_proj"))
     assert len(linears) == 4
+
+
+def test_a_bases_layout_is_read_from_its_tensor_names(tiny_qwen_base, tiny_qwen_hub_base):
+    """Qwen2-VL bases come in two layouts (the published checkpoints' ``visual.*`` / ``model.*``, and transformers
+    5.x's nested names): the family answers in the layout of the base at hand."""
+    from transformers import AutoConfig
+
+    from deltaserve.plugins.base_spec import BaseSpec
+    from deltaserve.plugins.families import QWEN2_VL, family_of
+
+    nested_spec, hub_spec = BaseSpec.from_dir(tiny_qwen_base), BaseSpec.from_dir(tiny_qwen_hub_base)
+    nested, hub = nested_spec.family, hub_spec.family
+    assert nested == QWEN2_VL and nested.decoder_layers_checkpoint == "model.language_model.layers."
+    assert hub.decoder_layers_checkpoint == "model.layers." and hub.language_model == "model."
+    assert hub.to_checkpoint(QWEN2_VL.projector) == "visual.merger."
+    assert set(hub_spec.params) == {hub.to_checkpoint(n) for n in nested_spec.params}
+    assert all(hub.to_module(hub.to_checkpoint(n)) == n for n in nested_spec.params)
+    assert family_of(AutoConfig.from_pretrained(str(tiny_qwen_hub_base))) == hub  # the directory it was loaded from
+    assert family_of({"model_type": "qwen2_vl"}) is QWEN2_VL  # nothing to read: the default layout

@@ -113,6 +113,23 @@ def qwen_tuned(tiny_qwen_base, tmp_path_factory):
     return tune_deltas(tiny_qwen_base, tmp_path_factory.mktemp("qwen-tuned"), QWEN_TUNED_METHODS)
 
 
+QWEN_HUB_TUNED_METHODS = {"h-spider": ("spider", 0), "h-lora": ("lora", 1), "h-bottleneck": ("bottleneck", 0)}
+"""The deltas on the hub-layout Qwen2-VL base: one per kind."""
+
+
+@pytest.fixture(scope="session")
+def qwen_hub_tuned(tiny_qwen_hub_base, tmp_path_factory):
+    """:func:`tune_deltas` of ``QWEN_HUB_TUNED_METHODS`` on the hub-layout Qwen2-VL base; their bundles name its
+    tensors as it does (``visual.*``, ``model.layers.*``)."""
+    return tune_deltas(tiny_qwen_hub_base, tmp_path_factory.mktemp("qwen-hub-tuned"), QWEN_HUB_TUNED_METHODS)
+
+
+@pytest.fixture(scope="session")
+def qwen_hub_tuned_refs(tiny_qwen_hub_base, sample_images, qwen_hub_tuned):
+    """:func:`tuned_references` of the hub-layout Qwen2-VL deltas."""
+    return tuned_references(tiny_qwen_hub_base, sample_images, qwen_hub_tuned, QWEN_HUB_TUNED_METHODS)
+
+
 @pytest.fixture(scope="session")
 def qwen_tuned_refs(tiny_qwen_base, sample_images, qwen_tuned):
     """:func:`tuned_references` of the Qwen2-VL deltas."""

@@ -31,10 +31,19 @@ def qwen_server(tiny_qwen_base, tmp_path_factory, kinds_env):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def qwen_hub_server(tiny_qwen_hub_base, tmp_path_factory):
+    srv = ServerProcess(tiny_qwen_hub_base, tmp_path_factory.mktemp("qwen-hub-server") / "store")
+    yield srv
+    srv.stop()
+
+
 ARCHS = {
-    # arch: (server, deltas, references, requests)
-    "llava": ("server", "tuned", "tuned_refs", 330),
-    "qwen2_vl": ("qwen_server", "qwen_tuned", "qwen_tuned_refs", 150),
+    # arch: (model type, server, deltas, references, requests)
+    "llava": ("llava", "server", "tuned", "tuned_refs", 330),
+    "qwen2_vl": ("qwen2_vl", "qwen_server", "qwen_tuned", "qwen_tuned_refs", 150),
+    # the tensor names of the published Qwen2-VL checkpoints (`visual.*`, `model.*`): tuned, stored and served in them
+    "qwen2_vl-hub-layout": ("qwen2_vl", "qwen_hub_server", "qwen_hub_tuned", "qwen_hub_tuned_refs", 60),
 }
 
 
@@ -42,7 +51,7 @@ ARCHS = {
 def test_tuned_deltas_of_every_kind_share_the_batch_exactly(arch, request, sample_images):
     from deltaserve.client.sync import DeltaClient
 
-    *fixtures, requests = ARCHS[arch]
+    model_type, *fixtures, requests = ARCHS[arch]
     tuned, tuned_refs = (request.getfixturevalue(f) for f in fixtures[1:])
     server = request.getfixturevalue(fixtures[0])
     with DeltaClient(server.grpc, admin_token=ADMIN_TOKEN) as admin:
@@ -52,7 +61,7 @@ def test_tuned_deltas_of_every_kind_share_the_batch_exactly(arch, request, sampl
         images = [png_bytes(img) for img in sample_images[: len(PROMPTS)]]
         tasks = ["base", *tuned]
 
-        results = concurrent_greedy(server, tasks, images, requests, model_type=arch)
+        results = concurrent_greedy(server, tasks, images, requests, model_type=model_type)
         wrong = [(t, i, got) for t, i, got in results if got != tuned_refs[t][i]]
         assert not wrong, f"{len(wrong)} of {len(results)} differ, e.g. {wrong[:3]}"
     finally:
