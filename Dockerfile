@@ -21,8 +21,9 @@
 #                                  Makefile's own example (download.pytorch.org/whl/cpu) as the CPU default here,
 #                                  because the image has no local CPU wheel
 #   RUN [3] pip install -e .    <- $(STAMP): `pip install $(TORCH_INDEX_ARG) -e ".[$(VLLM_EXTRA),test,ray,s3]"`, with
-#                                  VLLM_EXTRA=$VARIANT, without the `test` extra (pytest, openai: not served) and the
-#                                  `ray` extra (`serve --replicas`: add `,ray` for an image that runs Ray Serve)
+#                                  VLLM_EXTRA=$VARIANT, without the `test` extra (pytest, openai: not served), the
+#                                  `ray` extra (`serve --replicas`: add `,ray` for an image that runs Ray Serve) and
+#                                  the `s3` extra (`--store-url`: add `,s3` with it)
 #   RUN [4] compat .pth shim    <- $(STAMP): `compat.install_pth()` then `compat.check()` (the import hook that lets
 #                                  PyPI's CUDA-built torchvision/torchaudio import beside CPU torch; a no-op on CUDA)
 #   RUN [5] gRPC stubs          <- $(PROTO_OUT), i.e. `make protos`: the same grpc_tools.protoc command line
