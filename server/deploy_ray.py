@@ -107,6 +107,7 @@ class FleetService(DeltaService):
 
     def __init__(self, config: ServeConfig, engine: FleetEngine, replicas):
         self.remote = object_store(config)
+        self.board = StatusBoard(config.store, self.remote)
         registry = DeltaRegistry(
             config.store, config.engine.model, engine, max_bundle_bytes=config.max_bundle_bytes, bind=False,
             remote=self.remote,
@@ -147,19 +148,15 @@ class FleetService(DeltaService):
 
     async def engine_state(self) -> dict:
         """Every live replica's status: what it holds (versions, LoRA adapters), its loads and affinity hits."""
-        return {"replicas": await asyncio.to_thread(read_statuses, self.config.store, self.remote)}
+        return {"replicas": await asyncio.to_thread(self.board.statuses)}
 
     def metrics_exposition(self) -> bytes:
         """The ingress's metrics and every live replica's (vLLM's ``vllm:*`` and deltaserve's engine-side
         series), each replica's labelled ``replica="<id>"``: the snapshot it wrote with its status."""
-        others = []
-        for status in read_statuses(self.config.store, self.remote):
-            with contextlib.suppress(OSError):
-                if self.remote is None:
-                    text = (self.config.store / STATUS_DIR / f"{status['replica']}{METRICS_SUFFIX}").read_text()
-                else:
-                    text = (self.remote.read_status_file(status["replica"], METRICS_SUFFIX) or b"").decode()
-                others.append(({"replica": status["replica"]}, text))
+        others = [
+            ({"replica": status["replica"]}, self.board.exposition(status["replica"]))
+            for status in self.board.statuses()
+        ]
         return metrics.exposition(others)
 
     async def verify_base(self, *, token: str | None) -> dict:
@@ -192,25 +189,55 @@ def object_store(config: ServeConfig):
     return ObjectStore(config.store_url)
 
 
-def read_statuses(store: Path, remote=None) -> list[dict]:
-    """The fresh replica statuses: files under ``<store>/replicas/``, or objects in ``remote``'s bucket."""
-    if remote is None:
-        texts = []
-        for path in sorted((Path(store) / STATUS_DIR).glob("*.json")):
-            with contextlib.suppress(OSError):  # removed meanwhile
-                texts.append(path.read_bytes())
-    else:
-        texts = remote.statuses()
-    out = []
-    now = time.time()
-    for text in texts:
+class StatusBoard:
+    """Where each replica leaves its status (``<replica>.json``) and Prometheus snapshot (``<replica>.prom``) for
+    the ingress: ``<store>/replicas/``, or the same names in the bucket of ``--store-url`` (``remote``)."""
+
+    def __init__(self, store: Path, remote=None):
+        self.directory, self.remote = Path(store) / STATUS_DIR, remote
+
+    def put(self, replica: str, status: dict, exposition: bytes) -> None:
+        for name, body in ((replica + METRICS_SUFFIX, exposition), (f"{replica}.json", json.dumps(status).encode())):
+            if self.remote is not None:
+                self.remote.put(body, STATUS_DIR, name)
+            else:
+                self.directory.mkdir(exist_ok=True)
+                _write_atomic(self.directory / name, body)
+
+    def remove(self, replica: str) -> None:
+        for name in (f"{replica}.json", replica + METRICS_SUFFIX):
+            if self.remote is not None:
+                self.remote.delete(STATUS_DIR, name)
+            else:
+                (self.directory / name).unlink(missing_ok=True)
+
+    def _read(self, name: str) -> bytes | None:
+        if self.remote is not None:
+            return self.remote.get(STATUS_DIR, name)
         try:
-            status = json.loads(text)
-        except ValueError:
-            continue  # being replaced
-        if now - status.get("updated_at", 0) <= STATUS_FRESH_S:
-            out.append(status)
-    return sorted(out, key=lambda s: s.get("replica", ""))
+            return (self.directory / name).read_bytes()
+        except OSError:  # removed meanwhile
+            return None
+
+    def statuses(self) -> list[dict]:
+        """The fresh statuses (written within :data:`STATUS_FRESH_S`), by replica id."""
+        if self.remote is not None:
+            names = self.remote.names(STATUS_DIR)
+        else:
+            names = [p.name for p in self.directory.glob("*")] if self.directory.is_dir() else []
+        out = []
+        now = time.time()
+        for name in sorted(n for n in names if n.endswith(".json")):
+            try:
+                status = json.loads(self._read(name) or b"")
+            except ValueError:
+                continue  # being replaced, or removed meanwhile
+            if now - status.get("updated_at", 0) <= STATUS_FRESH_S:
+                out.append(status)
+        return out
+
+    def exposition(self, replica: str) -> str:
+        return (self._read(replica + METRICS_SUFFIX) or b"").decode()
 
 
 # ---- an engine replica ------------------------------------------------------------------
@@ -247,6 +274,7 @@ class EngineReplicaBase:
         context = serve.get_replica_context()
         self.tag = context.replica_id.unique_id if context else str(os.getpid())
         self.remote = object_store(config)
+        self.board = StatusBoard(config.store, self.remote)
         if self.remote is None:
             self.store = Path(config.store)
         else:  # a private cache of the bucket: its index, and the versions this replica loads
@@ -358,9 +386,9 @@ class EngineReplicaBase:
             self._loras = sorted(await self.engine.list_loras())
         self._write_status()
 
-    def _put_status(self, status: bytes, exposition: bytes) -> None:
+    def _put_status(self, status: dict, exposition: bytes) -> None:
         try:
-            self.remote.put_status(self.tag, status, exposition, METRICS_SUFFIX)
+            self.board.put(self.tag, status, exposition)
         except UnavailableError as exc:  # the next sync writes it again
             log.warning("replica %s: could not write its status: %s", self.tag, exc)
 
@@ -379,12 +407,9 @@ class EngineReplicaBase:
 
     def _write_status(self) -> None:
         if self.remote is not None:  # uploaded in order, off the event loop
-            self._uploads.submit(self._put_status, json.dumps(self.status()).encode(), metrics.exposition())
-            return
-        directory = self.store / STATUS_DIR
-        directory.mkdir(exist_ok=True)
-        _write_atomic(directory / f"{self.tag}{METRICS_SUFFIX}", metrics.exposition())
-        _write_atomic(directory / f"{self.tag}.json", json.dumps(self.status()).encode())
+            self._uploads.submit(self._put_status, self.status(), metrics.exposition())
+        else:
+            self.board.put(self.tag, self.status(), metrics.exposition())
 
     def __del__(self):
         self._closing = True
@@ -393,11 +418,8 @@ class EngineReplicaBase:
         with contextlib.suppress(Exception):
             if self.remote is not None:
                 self._uploads.shutdown(wait=True)
-                self.remote.delete_status(self.tag, METRICS_SUFFIX)
                 shutil.rmtree(self.store, ignore_errors=True)  # the private cache
-            else:
-                (self.store / STATUS_DIR / f"{self.tag}.json").unlink(missing_ok=True)
-                (self.store / STATUS_DIR / f"{self.tag}{METRICS_SUFFIX}").unlink(missing_ok=True)
+            self.board.remove(self.tag)
         with contextlib.suppress(Exception):
             self.engine.shutdown()
 

@@ -7,7 +7,7 @@ prefix mirrors the store directory's:
 
     <prefix>/index.json                     the index (the same bytes as <store>/index.json)
     <prefix>/deltas/<task>-<digest16>/...   each indexed version's files
-    <prefix>/replicas/<replica>.json|.prom  each replica's status and Prometheus snapshot
+    <prefix>/replicas/<replica>.json|.prom  each replica's status and Prometheus snapshot (``StatusBoard``)
 
 Consistency: the ingress uploads a version's files before the index that names it and deletes them only after the
 index stopped naming them and no forwarded request still uses them (S3 reads are strongly consistent, so a reader
@@ -36,7 +36,6 @@ from deltaserve.server.errors import UnavailableError
 SCHEME = "s3://"
 INDEX = "index.json"
 DELTAS = "deltas"
-REPLICAS = "replicas"
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -89,12 +88,8 @@ class ObjectStore:
 
     # ---- the index and versions (written by the ingress) ---------------------------------------------------
 
-    @_unavailable
     def read_index(self) -> bytes | None:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(INDEX))["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            return None
+        return self.get(INDEX)
 
     @_unavailable
     def versions(self) -> set[str]:
@@ -115,7 +110,7 @@ class ObjectStore:
                 continue  # content-addressed: a version's files never change
             for path in sorted(p for p in local.rglob("*") if p.is_file()):
                 self.client.upload_file(str(path), self.bucket, self._key(rel, path.relative_to(local).as_posix()))
-        self.client.put_object(Bucket=self.bucket, Key=self._key(INDEX), Body=index)
+        self.put(index, INDEX)
 
     @_unavailable
     def delete_version(self, key: str) -> None:
@@ -168,31 +163,26 @@ class ObjectStore:
         _write_atomic(store / INDEX, index)
         return index
 
-    # ---- replica statuses ---------------------------------------------------------------------------------
+    # ---- single objects (replica statuses) ----------------------------------------------------------------
 
     @_unavailable
-    def put_status(self, replica: str, status: bytes, exposition: bytes, metrics_suffix: str) -> None:
-        self.client.put_object(
-            Bucket=self.bucket, Key=self._key(REPLICAS, f"{replica}{metrics_suffix}"), Body=exposition
-        )
-        self.client.put_object(Bucket=self.bucket, Key=self._key(REPLICAS, f"{replica}.json"), Body=status)
-
-    @_unavailable
-    def delete_status(self, replica: str, metrics_suffix: str) -> None:
-        for name in (f"{replica}.json", f"{replica}{metrics_suffix}"):
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(REPLICAS, name))
-
-    @_unavailable
-    def statuses(self) -> list[bytes]:
-        return [
-            self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read()
-            for k in self._list(REPLICAS)
-            if k.endswith(".json")
-        ]
-
-    @_unavailable
-    def read_status_file(self, replica: str, suffix: str) -> bytes | None:
+    def get(self, *parts: str) -> bytes | None:
+        """The object ``<prefix>/<parts>``, or None when there is none."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(REPLICAS, replica + suffix))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(*parts))["Body"].read()
         except self.client.exceptions.NoSuchKey:
             return None
+
+    @_unavailable
+    def put(self, body: bytes, *parts: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(*parts), Body=body)
+
+    @_unavailable
+    def delete(self, *parts: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(*parts))
+
+    @_unavailable
+    def names(self, *parts: str) -> list[str]:
+        """Names of the objects under ``<prefix>/<parts>/``."""
+        start = len(self._key(*parts)) + 1
+        return [k[start:] for k in self._list(*parts)]

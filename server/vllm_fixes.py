@@ -110,7 +110,7 @@ def bgmv_expand_slice(
 
 
 _fused: dict[tuple[int, int], tuple[tuple, tuple, torch.Tensor, torch.Tensor]] = {}
-"""(layer's first ``lora_a`` stack, slot) → (the stacks, their versions and the scale, ``A_cat``, ``B_bd``): see
+"""(layer's first ``lora_a`` stack, slot) → (the stacks, their versions, the scale and dtype, ``A_cat``, ``B_bd``): see
 :func:`_fused_slot`. Holding the stacks keeps their ids from passing to other tensors."""
 
 
@@ -122,7 +122,7 @@ def _fused_slot(
     elsewhere), so ``(x A_cat) B_bd`` is every slice's ``scale · (x Aᵢᵀ) Bᵢᵀ`` side by side. Rebuilt when vLLM writes
     a slot (``set_lora`` and ``reset_lora`` copy into the stacks in place, which bumps their version counters)."""
     stacks = (*lora_a_stacked, *lora_b_stacked)
-    key, versions = (id(stacks[0]), slot), (scale, *(t._version for t in stacks))
+    key, versions = (id(stacks[0]), slot), (scale, dtype, *(t._version for t in stacks))
     cached = _fused.get(key)
     if cached is not None and cached[1] == versions and all(s is t for s, t in zip(cached[0], stacks, strict=True)):
         return cached[2], cached[3]

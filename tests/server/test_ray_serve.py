@@ -312,6 +312,7 @@ def test_replicas_read_the_store_from_a_bucket(tiny_base, tmp_path, bundles, ref
     """``--store-url``: the ingress publishes the store to an S3-compatible bucket and the replicas read it from there
     (each into a cache of its own), their statuses and metrics going through the bucket too. With
     ``--concurrent-delta-budget 0`` a sparse delta is served by an exclusive engine state on its replica."""
+    from deltaserve.server.deploy_ray import STATUS_DIR, StatusBoard
     from deltaserve.server.object_store import ObjectStore
 
     images = [png_bytes(img) for img in sample_images]
@@ -329,7 +330,8 @@ def test_replicas_read_the_store_from_a_bucket(tiny_base, tmp_path, bundles, ref
     )  # fmt: skip
     try:
         replicas = _wait_for("two replica statuses", lambda: len(_replicas(srv)) == 2 and _replicas(srv))
-        assert sorted(json.loads(s)["replica"] for s in remote.statuses()) == sorted(r["replica"] for r in replicas)
+        in_bucket = StatusBoard(tmp_path / "unused", remote).statuses()
+        assert sorted(s["replica"] for s in in_bucket) == sorted(r["replica"] for r in replicas)
         assert not (tmp_path / "store" / "replicas").exists()  # nothing of the replicas in the ingress's store
 
         for bundle in (bundles[TASK], sparse):
@@ -358,7 +360,7 @@ def test_replicas_read_the_store_from_a_bucket(tiny_base, tmp_path, bundles, ref
         _wait_for("the versions' files to leave the bucket", lambda: not remote.versions())
     finally:
         srv.stop()
-    assert remote.statuses() == []  # each replica removed its status on the way out
+    assert remote.names(STATUS_DIR) == []  # each replica removed its status and snapshot on the way out
 
 
 def test_replicas_on_one_machine_pin_disjoint_cores(monkeypatch):
